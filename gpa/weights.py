@@ -1,0 +1,102 @@
+"""Strict safetensors loading: every parameter accounted for, shapes checked, never unpickled."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or does not match the model it is loaded into."""
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read every tensor of a .safetensors file onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
+
+
+def fold_weight_norm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace weight-norm pairs by the plain ``weight`` they parametrise.
+
+    Accepts the old ``X.weight_g`` / ``X.weight_v`` form and the newer
+    ``X.parametrizations.weight.original0`` / ``original1`` form (g, v), both normalised over
+    every dimension but 0 (torch's default ``dim=0``).
+    """
+    out: dict[str, torch.Tensor] = {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        for g_suffix, v_suffix in ((".weight_g", ".weight_v"), (".parametrizations.weight.original0",
+                                                                  ".parametrizations.weight.original1")):
+            if key.endswith(g_suffix):
+                pairs.setdefault(key[: -len(g_suffix)], {})["g"] = value
+                break
+            if key.endswith(v_suffix):
+                pairs.setdefault(key[: -len(v_suffix)], {})["v"] = value
+                break
+        else:
+            out[key] = value
+    for prefix, gv in pairs.items():
+        if set(gv) != {"g", "v"}:
+            raise CheckpointError(f"weight-norm parameter {prefix} has only {sorted(gv)} of (g, v)")
+        g, v = gv["g"].float(), gv["v"].float()
+        dims = tuple(range(1, v.dim()))
+        out[prefix + ".weight"] = v * (g / v.norm(p=2, dim=dims, keepdim=True))
+    return out
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def load_strict(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    ignore_unexpected: Iterable[str] = (),
+) -> None:
+    """Load ``state`` into ``module`` requiring the same names and shapes.
+
+    Args:
+        module: the model; its parameters and persistent buffers must all be present in ``state``.
+        state: name -> tensor.
+        source: the file or directory the state came from, named in the error.
+        ignore_unexpected: key prefixes in ``state`` that the module deliberately does not use
+            (e.g. a training-only postnet); anything else unexpected is an error.
+    """
+    own = module.state_dict()
+    ignored = tuple(ignore_unexpected)
+    missing = set(own) - set(state)
+    unexpected = {k for k in set(state) - set(own) if not k.startswith(ignored)} if ignored else set(state) - set(own)
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:_MAX_LISTED])}")
+    if problems:
+        raise CheckpointError(f"{source} does not match {type(module).__name__}: " + " | ".join(problems))
+    module.load_state_dict({k: state[k] for k in own}, strict=True)
+    logger.debug("loaded %d tensors from %s into %s", len(own), source, type(module).__name__)
