@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import soundfile as sf
@@ -21,7 +20,7 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16000  # every codec in GPA works at 16 kHz
 OUTPUT_FORMATS = ("wav", "flac")
 
-AudioInput = Union[str, Path, bytes, np.ndarray]
+AudioInput = str | Path | bytes | np.ndarray
 
 
 class AudioError(ValueError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,5 +54,23 @@ def golden_inputs(fixtures: Path, expected: dict) -> dict[str, Path]:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of a against reference b."""
-    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="session")
+def official_dir(fixtures: Path) -> Path:
+    """A random-weight checkpoint with every official file, name and shape (about 4.3 GB).
+
+    Taken from $GPA_OFFICIAL_DIR when set, else built once by the fixtures' make_official_shaped.py
+    into $XDG_CACHE_HOME/gpa/tests/official-shaped and reused by later runs.
+    """
+    if os.environ.get("GPA_OFFICIAL_DIR"):
+        return Path(os.environ["GPA_OFFICIAL_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpa" / "tests" / "official-shaped"
+    marker = cache / ".complete"
+    if not marker.exists():
+        tool = fixtures.parent / "tools" / "make_official_shaped.py"
+        subprocess.run([sys.executable, str(tool), str(cache), str(fixtures)], check=True)
+        marker.touch()
+    return cache

@@ -1,0 +1,7 @@
+"""``python -m gpa``."""
+
+import sys
+
+from gpa.cli import main
+
+sys.exit(main())

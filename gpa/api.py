@@ -1,0 +1,180 @@
+"""The Python API: ``model = gpa.load(dir)``, then ``model.asr``, ``model.tts`` and ``model.vc``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpa.audio import AudioInput, load_audio
+from gpa.checkpoint import Checkpoint, load_lm
+from gpa.codecs.bicodec import BiCodec
+from gpa.codecs.glm import GLMTokenizer
+from gpa.config import DEFAULT_SAMPLING, SamplingParams, Task
+from gpa.generation import GenerationRequest, generate
+from gpa.logits import stop_ids, task_filters
+from gpa.model import GPALM
+from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt
+from gpa.vocab import Vocab
+
+logger = logging.getLogger(__name__)
+
+Audio = AudioInput | tuple[np.ndarray, int]  # a path, encoded bytes, or (samples, sample_rate)
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A reference speaker, tokenized once and reusable across requests."""
+
+    global_codes: torch.Tensor  # (32,) int64 BiCodec speaker codes
+    semantic_codes: torch.Tensor | None = None  # (T,) the reference's content codes (prompt continuation)
+    text: str | None = None  # the reference's transcript (prompt continuation)
+
+
+def _load(audio: Audio, normalize: bool, what: str) -> np.ndarray:
+    if isinstance(audio, tuple):
+        if len(audio) != 2:
+            raise TypeError(f"{what}: an audio tuple must be (samples, sample_rate)")
+        return load_audio(np.asarray(audio[0]), int(audio[1]), normalize=normalize, name=what)
+    return load_audio(audio, normalize=normalize, name=what if not isinstance(audio, (str, Path)) else None)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class GPA:
+    """A loaded GPA checkpoint: LLM, text vocabulary, BiCodec and the GLM speech tokenizer."""
+
+    def __init__(self, lm: GPALM, vocab: Vocab, bicodec: BiCodec, glm: GLMTokenizer) -> None:
+        self.lm, self.vocab, self.bicodec, self.glm = lm, vocab, bicodec, glm
+        self.device = lm.head_weight().device
+        self.sample_rate = bicodec.sample_rate
+        self._filters = {t: task_filters(vocab, t, lm.config.vocab_size) for t in Task}
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> GPA:
+        """Load an official-layout checkpoint directory, strictly.
+
+        Args:
+            path: the directory (config.json, model.safetensors, tokenizer.json, BiCodec/, glm-4-voice-tokenizer/).
+            device: default CUDA when available, else CPU.
+            dtype: the LLM's dtype; default bfloat16 on CUDA, float32 on CPU. Codecs run in float32.
+        """
+        ckpt = Checkpoint.open(path)
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        glm = GLMTokenizer.from_dir(ckpt.glm, device=device)
+        vocab = Vocab.from_dir(ckpt.root, glm_codebook_size=glm.codebook_size)
+        lm = load_lm(ckpt, device=device, dtype=dtype)
+        if lm.config.vocab_size < vocab.size:
+            raise ValueError(f"{ckpt.llm_config}: vocab_size {lm.config.vocab_size} < tokenizer size {vocab.size}")
+        bicodec = BiCodec.from_dir(ckpt.bicodec, device=device)
+        return cls(lm, vocab, bicodec, glm)
+
+    # --- options ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def sampling(task: Task | str, **options: Any) -> SamplingParams:
+        """The task's default sampling with ``options`` (SamplingParams fields) overriding; None keeps a default."""
+        task = Task.parse(task)
+        return DEFAULT_SAMPLING[task].replace(**{k: v for k, v in options.items() if v is not None})
+
+    # --- voices -------------------------------------------------------------------------------------
+
+    def voice(self, reference: Audio, text: str | None = None) -> Voice:
+        """Tokenize a reference speaker; with its transcript ``text`` TTS continues the reference."""
+        wav = _load(reference, normalize=True, what="reference")
+        codes = self.bicodec.encode_global([wav])[0].cpu()
+        if text is None:
+            return Voice(codes)
+        if not text.strip():
+            raise ValueError("reference_text is empty")
+        semantic = self.bicodec.encode_semantic([wav])[0].cpu()
+        return Voice(codes, semantic, text)
+
+    def _as_voice(self, reference: Audio | Voice, text: str | None) -> Voice:
+        if isinstance(reference, Voice):
+            if text is not None and reference.text is None:
+                raise ValueError("reference_text given with a Voice built without it; use model.voice(audio, text)")
+            return reference
+        return self.voice(reference, text)
+
+    # --- tasks --------------------------------------------------------------------------------------
+
+    def asr(self, audio: Audio, **options: Any) -> str:
+        """Transcribe speech. ``options``: SamplingParams fields (default greedy)."""
+        return self.asr_batch([audio], **options)[0]
+
+    def asr_batch(self, audios: Sequence[Audio], **options: Any) -> list[str]:
+        """Transcribe several inputs in one batch."""
+        params = self.sampling(Task.ASR, **options)
+        raw = [_load(a, normalize=False, what=f"audio {i}") for i, a in enumerate(audios)]
+        normed = [_load((w, self.sample_rate), normalize=True, what=f"audio {i}") for i, w in enumerate(raw)]
+        glm_codes = self.glm.encode(raw)
+        semantic = self.bicodec.encode_semantic(normed)
+        prompts = [asr_prompt(self.vocab, g, s) for g, s in zip(glm_codes, semantic, strict=True)]
+        outputs = self._generate(Task.ASR, prompts, params)
+        return [self.vocab.decode_text(ids).strip() for ids in outputs]
+
+    def tts(self, text: str, reference: Audio | Voice, reference_text: str | None = None,
+            **options: Any) -> tuple[np.ndarray, int]:
+        """Speak ``text`` in the reference's voice -> ((N,) float32 waveform, sample rate)."""
+        return self.tts_batch([text], reference, reference_text, **options)[0]
+
+    def tts_batch(self, texts: Sequence[str], reference: Audio | Voice, reference_text: str | None = None,
+                  **options: Any) -> list[tuple[np.ndarray, int]]:
+        """Speak several texts in one voice, in one batch."""
+        params = self.sampling(Task.TTS, **options)
+        voice = self._as_voice(reference, reference_text)
+        prompts = [tts_prompt(self.vocab, voice.global_codes, t, reference_text=voice.text,
+                              reference_semantic=voice.semantic_codes) for t in texts]
+        outputs = self._generate(Task.TTS, prompts, params)
+        return [self._decode(ids, voice.global_codes) for ids in outputs]
+
+    def vc(self, source: Audio, reference: Audio | Voice, **options: Any) -> tuple[np.ndarray, int]:
+        """Say what ``source`` says in the reference's voice -> (waveform, sample rate)."""
+        return self.vc_batch([source], reference, **options)[0]
+
+    def vc_batch(self, sources: Sequence[Audio], reference: Audio | Voice,
+                 **options: Any) -> list[tuple[np.ndarray, int]]:
+        """Convert several sources to one voice, in one batch."""
+        params = self.sampling(Task.VC, **options)
+        voice = self._as_voice(reference, None)
+        wavs = [_load(s, normalize=True, what=f"source {i}") for i, s in enumerate(sources)]
+        semantic = self.bicodec.encode_semantic(wavs)
+        prompts = [vc_prompt(self.vocab, voice.global_codes, s) for s in semantic]
+        outputs = self._generate(Task.VC, prompts, params)
+        return [self._decode(ids, voice.global_codes) for ids in outputs]
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _generate(self, task: Task, prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
+        limit = self.lm.config.max_position_embeddings
+        for p in prompts:
+            if len(p.prompt_ids) + params.max_new_tokens > limit:
+                raise ValueError(
+                    f"input too long: the {task.value} prompt has {len(p.prompt_ids)} tokens and max_new_tokens "
+                    f"is {params.max_new_tokens}; together at most {limit} fit the model's context")
+        stop = stop_ids(self.vocab, task)
+        reqs = [GenerationRequest(p.prompt_ids, params, self._filters[task], stop) for p in prompts]
+        return [[t for t in out if t not in stop] for out in generate(self.lm, reqs)]
+
+    def _decode(self, ids: list[int], global_codes: torch.Tensor) -> tuple[np.ndarray, int]:
+        if not ids:
+            logger.warning("the model produced no audio tokens")
+            return np.zeros(0, dtype=np.float32), self.sample_rate
+        semantic = torch.tensor([self.vocab.semantic_codes(ids)], device=self.device)
+        wav = self.bicodec.decode(semantic, global_codes[None].to(self.device))[0].float().cpu().numpy()
+        return (wav - wav.mean()).astype(np.float32), self.sample_rate  # DC removal, as the authors do
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPA:
+    """Load a GPA checkpoint directory (see :meth:`GPA.from_dir`)."""
+    return GPA.from_dir(path, device=device, dtype=dtype)

@@ -1,0 +1,190 @@
+"""``gpa asr|tts|vc``: the command line. Parses, builds objects, calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from gpa.audio import AudioError, save_audio
+
+logger = logging.getLogger("gpa")
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+
+
+class CLIError(Exception):
+    """A usage problem found after parsing (reported without a traceback, exit code 2)."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get("GPA_MODEL"),
+                   help="GPA checkpoint directory in the official layout (default: $GPA_MODEL)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 is greedy (default: task's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: task's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: task's)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty for repeated tokens (default: task's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length limit (default: task's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--list", type=Path, default=None, dest="list_file",
+                   help="a text file with one more input per line")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging verbosity (stderr)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="gpa", description="GPA: speech recognition, zero-shot TTS and "
+                                     "voice conversion with one model.", formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    asr = sub.add_parser("asr", help="transcribe audio files", formatter_class=fmt)
+    asr.add_argument("inputs", nargs="*", help="audio files (wav, flac, ogg, mp3; any sample rate)")
+    asr.add_argument("--format", choices=["text", "json"], default="text",
+                     help="text: one transcript per line; json: one JSON object per line")
+    asr.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
+
+    tts = sub.add_parser("tts", help="speak text in the voice of a reference recording", formatter_class=fmt)
+    tts.add_argument("inputs", nargs="*", help="text(s) to speak (or use --list with one text per line)")
+    tts.add_argument("--reference", required=True, type=Path, help="audio of the voice to clone")
+    tts.add_argument("--reference-text", default=None,
+                     help="transcript of the reference; the model then continues it (keeps accent)")
+    tts.add_argument("-o", "--output", type=Path, required=True,
+                     help="output .wav/.flac for one input, or a directory for several")
+
+    vc = sub.add_parser("vc", help="convert speech to the voice of a reference recording", formatter_class=fmt)
+    vc.add_argument("inputs", nargs="*", help="source audio files")
+    vc.add_argument("--reference", required=True, type=Path, help="audio of the target voice")
+    vc.add_argument("-o", "--output", type=Path, required=True,
+                    help="output .wav/.flac for one input, or a directory for several")
+
+    for p in (asr, tts, vc):
+        _add_common(p)
+    return parser
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    items = list(args.inputs)
+    if args.list_file is not None:
+        try:
+            lines = args.list_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise CLIError(f"cannot read --list file {args.list_file}: {e.strerror}") from e
+        items += [line.strip() for line in lines if line.strip()]
+    if not items:
+        raise CLIError(f"gpa {args.command}: no inputs given (positional arguments or --list)")
+    return items
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+
+
+def _output_paths(output: Path, n: int, names: Sequence[str]) -> list[Path]:
+    """One file for one input; for several, ``output`` is a directory of NAME.wav files."""
+    if n == 1 and output.suffix:
+        return [output]
+    output.mkdir(parents=True, exist_ok=True)
+    return [output / f"{name}.wav" for name in names]
+
+
+def _run_each(items: list[str], work: Callable[[str], None], progress: bool) -> int:
+    """Run ``work`` per input; a failing input is reported and skipped. Returns the failure count."""
+    failures = 0
+    for item in tqdm(items, disable=not progress or len(items) < 2, file=sys.stderr, unit="input"):
+        try:
+            work(item)
+        except (AudioError, ValueError, TypeError, OSError) as e:
+            failures += 1
+            print(f"Skipping {item}: {e}", file=sys.stderr)
+    return failures
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    if not args.model:
+        raise CLIError("no model given: pass --model DIR (a GPA checkpoint directory) or set GPA_MODEL")
+    from gpa.api import load
+
+    return load(args.model, device=args.device)
+
+
+def cmd_asr(args: argparse.Namespace) -> int:
+    items = _inputs(args)
+    model = _load_model(args)
+    options = _options(args)
+    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+
+    def work(item: str) -> None:
+        text = model.asr(item, **options)
+        line = json.dumps({"file": item, "text": text}, ensure_ascii=False) if args.format == "json" else text
+        print(line, file=out, flush=True)
+
+    try:
+        return 1 if _run_each(items, work, not args.no_progress) else 0
+    finally:
+        if args.output:
+            out.close()
+
+
+def cmd_tts(args: argparse.Namespace) -> int:
+    items = _inputs(args)
+    model = _load_model(args)
+    voice = model.voice(args.reference, args.reference_text)
+    paths = iter(_output_paths(args.output, len(items), [f"{i:04d}" for i in range(1, len(items) + 1)]))
+    options = _options(args)
+
+    def work(text: str) -> None:
+        path = next(paths)
+        wav, sr = model.tts(text, voice, **options)
+        save_audio(path, wav, sr)
+        logger.info("wrote %s (%.2f s)", path, len(wav) / sr)
+
+    return 1 if _run_each(items, work, not args.no_progress) else 0
+
+
+def cmd_vc(args: argparse.Namespace) -> int:
+    items = _inputs(args)
+    model = _load_model(args)
+    voice = model.voice(args.reference)
+    paths = dict(zip(items, _output_paths(args.output, len(items), [Path(i).stem for i in items]), strict=True))
+    options = _options(args)
+
+    def work(item: str) -> None:
+        wav, sr = model.vc(item, voice, **options)
+        save_audio(paths[item], wav, sr)
+        logger.info("wrote %s (%.2f s)", paths[item], len(wav) / sr)
+
+    return 1 if _run_each(items, work, not args.no_progress) else 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"asr": cmd_asr, "tts": cmd_tts, "vc": cmd_vc}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``gpa``; returns the exit code (0 ok, 1 some inputs failed, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except CLIError as e:
+        print(f"gpa: error: {e}", file=sys.stderr)
+        return 2
+    except (AudioError, ValueError, OSError) as e:  # model, reference or checkpoint problems
+        print(f"gpa: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Frozen configuration: the LLM's architecture, the tasks, and per-task sampling defaults (one table)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class Task(enum.StrEnum):
+    """What the prompt layout asks the model to do."""
+
+    ASR = "asr"  # speech -> text (the reference calls it "stt")
+    TTS = "tts"  # text + reference voice -> speech (reference "tts-a")
+    VC = "vc"  # source speech + reference voice -> speech
+
+    @classmethod
+    def parse(cls, value: str | Task) -> Task:
+        """Accept a Task, its value, or the reference's names ("stt", "tts-a")."""
+        if isinstance(value, Task):
+            return value
+        aliases = {"stt": "asr", "tts-a": "tts"}
+        try:
+            return cls(aliases.get(str(value).lower(), str(value).lower()))
+        except ValueError:
+            raise ValueError(f"unknown task {value!r}; expected one of {[t.value for t in cls]}") from None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Qwen3 decoder-only LM that GPA uses (read from the checkpoint's config.json)."""
+
+    vocab_size: int  # rows of the embedding / LM head (may exceed the tokenizer's size)
+    hidden_size: int  # model width
+    intermediate_size: int  # SwiGLU hidden width
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int  # grouped-query attention: heads sharing one K/V
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True  # LM head shares the embedding matrix
+    attention_bias: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a dict with exactly this dataclass's keys (raises on unknown keys)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {sorted(unknown)}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> ModelConfig:
+        """Read a Hugging Face Qwen3 ``config.json``; only the fields the architecture uses are kept."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"missing LLM config: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        model_type = d.get("model_type")
+        if model_type != "qwen3":
+            raise ValueError(f"{path}: model_type {model_type!r} is not supported; GPA's LLM is 'qwen3'")
+        if d.get("use_sliding_window") or any(t != "full_attention" for t in d.get("layer_types") or []):
+            raise ValueError(f"{path}: sliding-window layers are not supported; GPA uses full attention")
+        if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
+            raise ValueError(f"{path}: rope_scaling {d['rope_scaling']} is not supported")
+        d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
+        return cls.from_dict({f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. ``temperature == 0`` means greedy."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens (None: all)
+    top_p: float = 1.0  # nucleus: keep the smallest set with this much probability
+    repetition_penalty: float = 1.0  # >1 discourages any token already in prompt or output (HF rule)
+    max_new_tokens: int = 512  # generation stops here if the end token has not come
+    seed: int | None = None  # per-request RNG seed; None draws from torch's global RNG
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def replace(self, **overrides: Any) -> SamplingParams:
+        """A copy with ``overrides``; unknown names raise (nothing is silently dropped)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+
+# The authors' offline defaults (gpa_inference.py): greedy ASR; TTS/VC sample at T=0.2 with a 1.2
+# repetition penalty. We keep their values but lift the 512-token (10.24 s) audio cap: 1500 semantic
+# tokens are 30 s of speech.
+DEFAULT_SAMPLING: dict[Task, SamplingParams] = {
+    Task.ASR: SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=512),
+    Task.TTS: SamplingParams(temperature=0.2, repetition_penalty=1.2, max_new_tokens=1500),
+    Task.VC: SamplingParams(temperature=0.2, repetition_penalty=1.2, max_new_tokens=1500),
+}

@@ -1,0 +1,77 @@
+"""Pure next-token selection: repetition penalty, temperature, top-k, top-p, seeded sampling.
+
+The order matches Hugging Face ``generate`` (penalty, then temperature, top-k, top-p), which is what
+the authors' offline inference ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gpa.config import SamplingParams
+
+
+def repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """Penalise tokens already seen (prompt or output).
+
+    Args:
+        logits: (B, V) float.
+        seen: (B, V) bool, True where the token occurred.
+        penalty: (B,) float; 1 leaves a row unchanged.
+
+    Returns:
+        (B, V): positive logits divided by the penalty, negative ones multiplied (HF's rule).
+    """
+    p = penalty[:, None].to(logits.dtype)
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row of (B, V); the rest become -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``p`` (always >= 1)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of strictly more likely tokens
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> Tensor:
+    """Choose one token per row.
+
+    Args:
+        logits: (B, V) float, already masked and penalised.
+        params: one SamplingParams per row (temperature 0 -> argmax).
+        generators: one RNG per row (None -> torch's global RNG).
+
+    Returns:
+        (B,) int64 token ids.
+    """
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for b, (row, sp, gen) in enumerate(zip(logits, params, generators, strict=True)):
+        if sp.temperature == 0:
+            out[b] = row.argmax()
+            continue
+        row = row[None] / sp.temperature
+        if sp.top_k is not None:
+            row = top_k_filter(row, sp.top_k)
+        row = top_p_filter(row, sp.top_p)
+        probs = row.float().softmax(-1)
+        out[b] = torch.multinomial(probs, 1, generator=gen)[0, 0]
+    return out

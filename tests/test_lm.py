@@ -1,0 +1,161 @@
+"""The Qwen3 LM and generation: golden logits, cache invariants, constrained decoding, strict loading."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpa.checkpoint import Checkpoint, load_lm
+from gpa.config import DEFAULT_SAMPLING, ModelConfig, SamplingParams, Task
+from gpa.generation import GenerationRequest, generate
+from gpa.kv_cache import KVCache
+from gpa.logits import allowed_ids, stop_ids, task_filters
+from gpa.sampling import repetition_penalty, top_k_filter, top_p_filter
+from gpa.vocab import Vocab
+from gpa.weights import CheckpointError
+from tests.conftest import rel_err
+
+
+@pytest.fixture(scope="module")
+def lm(mini_dir):
+    return load_lm(Checkpoint.open(mini_dir))
+
+
+@pytest.fixture(scope="module")
+def vocab(mini_dir):
+    return Vocab.from_dir(mini_dir)
+
+
+@pytest.mark.fidelity
+def test_prompt_logits_match_reference(lm, golden, expected):
+    for key in expected["prompts"]:
+        ids = golden[f"prompt.{key}"][None]
+        logits = lm(ids)[0, -8:]
+        assert rel_err(logits, golden[f"logits.{key}"]) < 1e-4, key
+
+
+@pytest.mark.fidelity
+def test_greedy_matches_reference(lm, golden, expected):
+    reqs = [GenerationRequest(golden[f"prompt.{k}"].tolist(), SamplingParams(temperature=0, max_new_tokens=16))
+            for k in expected["prompts"]]
+    for key, out in zip(expected["prompts"], generate(lm, reqs), strict=True):
+        assert out == golden[f"greedy16.{key}"].tolist(), key
+
+
+def _random_ids(n: int, vocab_size: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_cached_decode_equals_uncached_forward(lm):
+    cfg = lm.config
+    seq = _random_ids(40, cfg.vocab_size, 0)
+    full = lm(torch.tensor([seq]))[0]  # (40, V)
+    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 64, cfg.head_dim)
+    step_logits = [lm(torch.tensor([seq[:25]]), cache=cache)[0]]
+    for pos in range(25, 40):
+        step_logits.append(lm(torch.tensor([[seq[pos]]]), torch.tensor([[pos]]), cache=cache)[0])
+    assert torch.allclose(torch.cat(step_logits), full, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_batch_forward_equals_single(lm):
+    a, b = _random_ids(30, lm.config.vocab_size, 1), _random_ids(18, lm.config.vocab_size, 2)
+    pad = [0] * 12
+    ids = torch.tensor([a, b + pad])
+    mask = torch.tensor([[True] * 30, [True] * 18 + [False] * 12])
+    out = lm(ids, padding_mask=mask)
+    assert torch.allclose(out[0], lm(torch.tensor([a]))[0], atol=1e-4)
+    assert torch.allclose(out[1, :18], lm(torch.tensor([b]))[0], atol=1e-4)
+
+
+def test_batched_generation_equals_single(lm, golden, expected):
+    keys = expected["prompts"][2:5]  # an ASR, a TTS and a VC prompt of different lengths
+    params = [SamplingParams(temperature=0, max_new_tokens=12),
+              SamplingParams(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=7, max_new_tokens=20)]
+    for sp in params:
+        reqs = [GenerationRequest(golden[f"prompt.{k}"].tolist(), sp) for k in keys]
+        batched = generate(lm, reqs)
+        singles = [generate(lm, [r])[0] for r in reqs]
+        assert batched == singles
+
+
+def test_seed_reproducible_and_seeds_differ(lm, golden):
+    prompt = golden["prompt.tts.short_16k"].tolist()
+
+    def run(seed: int) -> list[int]:
+        sp = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=24)
+        return generate(lm, [GenerationRequest(prompt, sp)])[0]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+@pytest.mark.parametrize("task", list(Task))
+def test_constrained_decoding_stays_in_task_set(lm, vocab, golden, task):
+    prompt = golden["prompt.stt.speech0_22k" if task is Task.ASR else "prompt.tts.short_16k"].tolist()
+    allowed = allowed_ids(vocab, task, lm.config.vocab_size)
+    sp = SamplingParams(temperature=1.5, max_new_tokens=60, seed=0)
+    reqs = [GenerationRequest(prompt, sp.replace(seed=s), task_filters(vocab, task, lm.config.vocab_size),
+                              stop_ids(vocab, task)) for s in range(4)]
+    for out in generate(lm, reqs):
+        assert out and all(allowed[t] for t in out)
+        assert out[0] != vocab.end
+        assert all(t not in stop_ids(vocab, task) for t in out[:-1])
+    if task is Task.ASR:
+        assert not allowed[vocab.semantic.offset] and allowed[vocab.end_content]
+    else:
+        assert allowed[vocab.semantic.offset] and not allowed[5] and allowed[vocab.end]
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, -1.0]])
+    assert torch.isinf(top_k_filter(logits, 2)[0, 2:]).all() and not torch.isinf(top_k_filter(logits, 2)[0, :2]).any()
+    kept = ~torch.isinf(top_p_filter(logits, 0.7))[0]
+    assert kept.tolist() == [True, True, False, False]  # p(3.0) = 0.66 < 0.7, so the second is needed
+    assert (~torch.isinf(top_p_filter(logits, 0.01))).sum() == 1
+    pen = repetition_penalty(logits, torch.tensor([[True, False, False, True]]), torch.tensor([2.0]))
+    assert pen.tolist() == [[1.5, 2.0, 1.0, -2.0]]
+
+
+def test_sampling_params_validation_and_defaults():
+    assert DEFAULT_SAMPLING[Task.ASR].temperature == 0
+    assert DEFAULT_SAMPLING[Task.TTS].temperature == 0.2 and DEFAULT_SAMPLING[Task.TTS].repetition_penalty == 1.2
+    with pytest.raises(ValueError, match="unknown sampling option.*'beam_size'"):
+        DEFAULT_SAMPLING[Task.TTS].replace(beam_size=4)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="unknown task 'translate'"):
+        Task.parse("translate")
+    assert Task.parse("stt") is Task.ASR and Task.parse("tts-a") is Task.TTS
+    with pytest.raises(ValueError, match="unknown ModelConfig keys"):
+        ModelConfig.from_dict({"vocab_size": 1, "bogus": 2})
+
+
+def _copy_ckpt(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("BiCodec", "glm-4-voice-tokenizer"))
+    return dst
+
+
+def test_lm_strict_load_errors_name_the_problem(tmp_path, mini_dir):
+    with pytest.raises(CheckpointError, match="missing: .*glm-4-voice-tokenizer/config.json"):
+        Checkpoint.open(_copy_ckpt(mini_dir, tmp_path / "c"))
+    ckpt = Checkpoint(_copy_ckpt(mini_dir, tmp_path / "d"))
+    state = load_file(str(ckpt.llm_weights))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    state["model.norm.weight"] = torch.ones(7)
+    state["model.extra.weight"] = torch.ones(1)
+    os.chmod(ckpt.llm_weights, 0o644)
+    save_file(state, str(ckpt.llm_weights))
+    with pytest.raises(CheckpointError) as err:
+        load_lm(ckpt)
+    msg = str(err.value)
+    assert "model.layers.1.mlp.up_proj.weight" in msg and "model.extra.weight" in msg and "model.norm.weight" in msg
+    ckpt.llm_weights.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
+        load_lm(ckpt)
+    with pytest.raises(CheckpointError, match="directory not found"):
+        Checkpoint.open(tmp_path / "nowhere")
