@@ -1,0 +1,223 @@
+"""BiCodec building blocks: Vocos backbones, content encoder, factorised VQ, prenet, wave generator.
+
+Module and parameter names follow the BiCodec checkpoint, so ``state_dict`` keys line up with
+``model.safetensors`` once weight norm is folded into plain ``weight`` tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-6  # every LayerNorm in the Vocos backbones
+
+
+class AdaLayerNorm(nn.Module):
+    """Layer norm without affine terms, then a scale and shift predicted from a condition vector."""
+
+    def __init__(self, condition_dim: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.scale = nn.Linear(condition_dim, dim)
+        self.shift = nn.Linear(condition_dim, dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C), cond: (B, condition_dim) -> (B, T, C)."""
+        scale, shift = self.scale(cond), self.shift(cond)  # (B, C)
+        x = F.layer_norm(x, (self.dim,), eps=LN_EPS)
+        return x * scale[:, None] + shift[:, None]
+
+
+def _norm(dim: int, condition_dim: int | None) -> nn.Module:
+    return AdaLayerNorm(condition_dim, dim) if condition_dim else nn.LayerNorm(dim, eps=LN_EPS)
+
+
+def _apply_norm(norm: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    return norm(x, cond) if isinstance(norm, AdaLayerNorm) else norm(x)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv k7, (Ada)LayerNorm, pointwise MLP with GELU, layer scale, residual."""
+
+    def __init__(self, dim: int, intermediate_dim: int, condition_dim: int | None = None) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = _norm(dim, condition_dim)
+        self.pwconv1 = nn.Linear(dim, intermediate_dim)
+        self.pwconv2 = nn.Linear(intermediate_dim, dim)
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, T) -> (B, C, T)."""
+        y = self.dwconv(x).transpose(1, 2)  # (B, T, C)
+        y = self.pwconv2(F.gelu(self.pwconv1(_apply_norm(self.norm, y, cond))))
+        return x + (self.gamma * y).transpose(1, 2)
+
+
+class VocosBackbone(nn.Module):
+    """Embedding conv k7, norm, ConvNeXt blocks, final LayerNorm. Takes (B, C_in, T), returns (B, T, C)."""
+
+    def __init__(self, input_channels: int, dim: int, intermediate_dim: int, num_layers: int,
+                 condition_dim: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Conv1d(input_channels, dim, kernel_size=7, padding=3)
+        self.norm = _norm(dim, condition_dim)
+        self.convnext = nn.ModuleList(
+            ConvNeXtBlock(dim, intermediate_dim, condition_dim) for _ in range(num_layers)
+        )
+        self.final_layer_norm = nn.LayerNorm(dim, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(x).transpose(1, 2)  # (B, T, C)
+        x = _apply_norm(self.norm, x, cond).transpose(1, 2)  # (B, C, T)
+        for block in self.convnext:
+            x = block(x, cond)
+        return self.final_layer_norm(x.transpose(1, 2))  # (B, T, C)
+
+
+class SamplingBlock(nn.Module):
+    """BiCodec's resampling block at ratio 1, the only ratio the published configs use.
+
+    With no up- or down-sampling its three branches (conv, skip of the merge, skip of the repeat)
+    are all the identity, so the block returns 3 * x; the trained weights after it expect that.
+    It takes (B, T, C) and returns (B, C, T).
+    """
+
+    def __init__(self, ratio: int) -> None:
+        super().__init__()
+        if ratio != 1:
+            raise ValueError(f"BiCodec sample ratio {ratio} is not supported; only 1 (Spark's [1, 1])")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(1, 2)  # (B, C, T)
+        return x + x + x  # summed like the reference, which is bitwise 3 * x
+
+
+def resampling_stage(dim: int, intermediate_dim: int, ratio: int) -> nn.Sequential:
+    """SamplingBlock then a 2-layer VocosBackbone: (B, T, C) -> (B, T, C)."""
+    return nn.Sequential(SamplingBlock(ratio), VocosBackbone(dim, dim, intermediate_dim, num_layers=2))
+
+
+class Snake1d(nn.Module):
+    """Snake activation x + sin^2(alpha x) / alpha with a learned alpha per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+
+
+class ResidualUnit(nn.Module):
+    """Snake, dilated conv k7, Snake, conv k1, residual (lengths are preserved)."""
+
+    def __init__(self, dim: int, dilation: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            Snake1d(dim),
+            nn.Conv1d(dim, dim, kernel_size=7, dilation=dilation, padding=3 * dilation),
+            Snake1d(dim),
+            nn.Conv1d(dim, dim, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class DecoderBlock(nn.Module):
+    """Snake, transposed conv upsampling by ``stride``, residual units with dilation 1, 3, 9."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        if (kernel - stride) % 2:
+            raise ValueError(f"decoder kernel {kernel} and rate {stride} must differ by an even number")
+        self.block = nn.Sequential(
+            Snake1d(c_in),
+            nn.ConvTranspose1d(c_in, c_out, kernel, stride=stride, padding=(kernel - stride) // 2),
+            ResidualUnit(c_out, 1),
+            ResidualUnit(c_out, 3),
+            ResidualUnit(c_out, 9),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)  # (B, C_out, T * stride)
+
+
+class WaveGenerator(nn.Module):
+    """Conv k7, upsampling blocks halving the channels each time, Snake, conv k7 to one channel, tanh."""
+
+    def __init__(self, input_channel: int, channels: int, rates: list[int], kernel_sizes: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv1d(input_channel, channels, kernel_size=7, padding=3)]
+        for i, (kernel, stride) in enumerate(zip(kernel_sizes, rates, strict=True)):
+            layers.append(DecoderBlock(channels // 2**i, channels // 2 ** (i + 1), kernel, stride))
+        out_dim = channels // 2 ** len(rates)
+        layers += [Snake1d(out_dim), nn.Conv1d(out_dim, 1, kernel_size=7, padding=3), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, T) -> (B, 1, T * prod(rates))."""
+        return self.model(x)
+
+
+class Encoder(nn.Module):
+    """Content encoder: wav2vec2 features (B, C_in, T) -> latents (B, C_out, T)."""
+
+    def __init__(self, input_channels: int, dim: int, intermediate_dim: int, num_layers: int,
+                 out_channels: int, sample_ratios: tuple[int, ...]) -> None:
+        super().__init__()
+        self.encoder = VocosBackbone(input_channels, dim, intermediate_dim, num_layers)
+        self.downsample = nn.Sequential(*(resampling_stage(dim, intermediate_dim, r) for r in sample_ratios))
+        self.project = nn.Linear(dim, out_channels)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(self.encoder(feats))  # (B, T, D)
+        return self.project(x).transpose(1, 2)
+
+
+class FactorizedVQ(nn.Module):
+    """Project to a low-dimensional space and pick the nearest L2-normalised codebook entry."""
+
+    def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int) -> None:
+        super().__init__()
+        if input_dim == codebook_dim:
+            raise ValueError("a factorised VQ needs codebook_dim != input_dim")
+        self.in_project = nn.Conv1d(input_dim, codebook_dim, kernel_size=1)
+        self.out_project = nn.Conv1d(codebook_dim, input_dim, kernel_size=1)
+        self.codebook = nn.Embedding(codebook_size, codebook_dim)
+
+    def tokenize(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, C, T) -> (B, T) int64 codes."""
+        B, d = z.shape[0], self.codebook.embedding_dim
+        z = self.in_project(z)
+        if not torch.isfinite(z).all():
+            raise FloatingPointError("non-finite content latents before the VQ; are the weights valid?")
+        e = F.normalize(z.transpose(1, 2).reshape(-1, d))  # (B*T, d)
+        c = F.normalize(self.codebook.weight)  # (K, d)
+        # The full squared distance (not just the dot product), as the reference computes it, so
+        # that near ties round the same way.
+        dist = e.pow(2).sum(1, keepdim=True) - 2 * e @ c.t() + c.pow(2).sum(1, keepdim=True).t()
+        return (-dist).max(dim=1).indices.reshape(B, -1)
+
+    def detokenize(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: (B, T) -> (B, C, T), from the raw (un-normalised) codebook."""
+        return self.out_project(self.codebook(codes).transpose(1, 2))
+
+
+class Prenet(nn.Module):
+    """Quantised latents (B, C, T) and speaker vector (B, cond) -> decoder input (B, C_out, T)."""
+
+    def __init__(self, input_channels: int, dim: int, intermediate_dim: int, num_layers: int,
+                 out_channels: int, condition_dim: int, sample_ratios: tuple[int, ...]) -> None:
+        super().__init__()
+        self.linear_pre = nn.Linear(input_channels, dim)
+        self.downsample = nn.Sequential(*(resampling_stage(dim, intermediate_dim, r) for r in sample_ratios))
+        self.vocos_backbone = VocosBackbone(dim, dim, intermediate_dim, num_layers, condition_dim)
+        self.linear = nn.Linear(dim, out_channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(self.linear_pre(x.transpose(1, 2)))  # (B, T, D)
+        x = self.vocos_backbone(x.transpose(1, 2), cond)  # (B, T, D)
+        return self.linear(x).transpose(1, 2)
