@@ -115,13 +115,17 @@ class GPA:
     def asr_batch(self, audios: Sequence[Audio], **options: Any) -> list[str]:
         """Transcribe several inputs in one batch."""
         params = self.sampling(Task.ASR, **options)
+        outputs = self._generate(Task.ASR, self.asr_prompts(audios), params)
+        return [self.vocab.decode_text(ids).strip() for ids in outputs]
+
+    def asr_prompts(self, audios: Sequence[Audio]) -> list[Prompt]:
+        """ASR prompts: GLM reads the audio at its own level (as the authors feed it), BiCodec the
+        volume-normalised audio it was trained on."""
         raw = [_load(a, normalize=False, what=f"audio {i}") for i, a in enumerate(audios)]
         normed = [_load((w, self.sample_rate), normalize=True, what=f"audio {i}") for i, w in enumerate(raw)]
         glm_codes = self.glm.encode(raw)
         semantic = self.bicodec.encode_semantic(normed)
-        prompts = [asr_prompt(self.vocab, g, s) for g, s in zip(glm_codes, semantic, strict=True)]
-        outputs = self._generate(Task.ASR, prompts, params)
-        return [self.vocab.decode_text(ids).strip() for ids in outputs]
+        return [asr_prompt(self.vocab, g, s) for g, s in zip(glm_codes, semantic, strict=True)]
 
     def tts(self, text: str, reference: Audio | Voice, reference_text: str | None = None,
             **options: Any) -> tuple[np.ndarray, int]:
@@ -133,10 +137,13 @@ class GPA:
         """Speak several texts in one voice, in one batch."""
         params = self.sampling(Task.TTS, **options)
         voice = self._as_voice(reference, reference_text)
-        prompts = [tts_prompt(self.vocab, voice.global_codes, t, reference_text=voice.text,
-                              reference_semantic=voice.semantic_codes) for t in texts]
-        outputs = self._generate(Task.TTS, prompts, params)
+        outputs = self._generate(Task.TTS, self.tts_prompts(texts, voice), params)
         return [self._decode(ids, voice.global_codes) for ids in outputs]
+
+    def tts_prompts(self, texts: Sequence[str], voice: Voice) -> list[Prompt]:
+        """TTS prompts for ``texts`` in ``voice`` (continuing the reference when it has a transcript)."""
+        return [tts_prompt(self.vocab, voice.global_codes, t, reference_text=voice.text,
+                           reference_semantic=voice.semantic_codes) for t in texts]
 
     def vc(self, source: Audio, reference: Audio | Voice, **options: Any) -> tuple[np.ndarray, int]:
         """Say what ``source`` says in the reference's voice -> (waveform, sample rate)."""
@@ -147,11 +154,13 @@ class GPA:
         """Convert several sources to one voice, in one batch."""
         params = self.sampling(Task.VC, **options)
         voice = self._as_voice(reference, None)
-        wavs = [_load(s, normalize=True, what=f"source {i}") for i, s in enumerate(sources)]
-        semantic = self.bicodec.encode_semantic(wavs)
-        prompts = [vc_prompt(self.vocab, voice.global_codes, s) for s in semantic]
-        outputs = self._generate(Task.VC, prompts, params)
+        outputs = self._generate(Task.VC, self.vc_prompts(sources, voice), params)
         return [self._decode(ids, voice.global_codes) for ids in outputs]
+
+    def vc_prompts(self, sources: Sequence[Audio], voice: Voice) -> list[Prompt]:
+        """VC prompts: each source's semantic codes under ``voice``'s global codes."""
+        wavs = [_load(s, normalize=True, what=f"source {i}") for i, s in enumerate(sources)]
+        return [vc_prompt(self.vocab, voice.global_codes, s) for s in self.bicodec.encode_semantic(wavs)]
 
     # --- internals ------------------------------------------------------------------------------------
 

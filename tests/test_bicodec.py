@@ -9,7 +9,6 @@ the closest call measured was a cosine gap of 5e-6 between the two best semantic
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -217,11 +216,8 @@ def test_config_sections_at_top_level_and_defaults(mini_dir):
 # --- full size -----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_official_shaped_checkpoint_loads_and_runs():
-    root = os.environ.get("GPA_OFFICIAL_DIR")
-    if not root:
-        pytest.skip("set GPA_OFFICIAL_DIR to a checkpoint built by shared/tools/make_official_shaped.py")
-    path = Path(root) / "BiCodec" if (Path(root) / "BiCodec").is_dir() else Path(root)
+def test_official_shaped_checkpoint_loads_and_runs(official_dir):
+    path = official_dir / "BiCodec"
     codec = BiCodec.from_dir(path)  # strict: raises on any missing, unexpected or mis-shaped tensor
     assert (codec.semantic_codebook_size, codec.global_codebook_size, codec.num_global_tokens) == (8192, 4096, 32)
     assert len(codec.wav2vec2.encoder.layers) == 16 and codec.wav2vec2.config.hidden_size == 1024

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -188,11 +187,8 @@ def test_not_a_directory_and_bad_config(mini_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_official_shaped_checkpoint(speech: np.ndarray) -> None:
-    root = os.environ.get("GPA_OFFICIAL_DIR")
-    if not root:
-        pytest.skip("GPA_OFFICIAL_DIR is unset (a dir built by shared/tools/make_official_shaped.py)")
-    tok = GLMTokenizer.from_dir(Path(root) / GLM)  # strict: every parameter present with its shape
+def test_official_shaped_checkpoint(speech: np.ndarray, official_dir: Path) -> None:
+    tok = GLMTokenizer.from_dir(official_dir / GLM)  # strict: every parameter present with its shape
     assert len(tok.encoder.layers) == 16 and tok.codebook_size == 16384 and tok.frame_rate == 12.5
     codes = tok.encode([speech[: 2 * 16000]])[0]
     assert codes.shape == (25,) and codes.dtype == torch.int64

@@ -1,0 +1,123 @@
+"""End to end on the tiny checkpoint: the Python API and the ``gpa`` command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import gpa
+from gpa.audio import AudioError, load_audio
+from gpa.cli import main
+from gpa.prompts import asr_prompt
+
+
+@pytest.fixture(scope="module")
+def model(mini_dir):
+    return gpa.load(mini_dir, device="cpu")
+
+
+FAST = {"max_new_tokens": 24}
+
+
+def test_asr_pipeline_feeds_raw_audio_to_glm_and_normalised_audio_to_bicodec(model, golden_inputs):
+    path = golden_inputs["quiet_24k"]  # quiet: normalisation changes the level a lot
+    raw, normed = load_audio(path, normalize=False), load_audio(path)
+    prompt = asr_prompt(model.vocab, model.glm.encode([raw])[0], model.bicodec.encode_semantic([normed])[0])
+    assert model.asr_prompts([path])[0].prompt_ids == prompt.prompt_ids
+    assert model.glm.encode([raw])[0].tolist() != model.glm.encode([normed])[0].tolist()
+    assert isinstance(model.asr(path, **FAST), str)
+
+
+def test_asr_batch_equals_single(model, golden_inputs):
+    files = [golden_inputs[n] for n in ("speech1_8k", "short_16k", "long_16k")]
+    assert model.asr_batch(files, **FAST) == [model.asr(f, **FAST) for f in files]
+
+
+def test_tts_output_is_320_samples_per_token_and_seeded(model, golden_inputs):
+    ref = golden_inputs["speech0_22k"]
+    wav, sr = model.tts("Hello there.", ref, seed=3, temperature=0.8, max_new_tokens=20)
+    again, _ = model.tts("Hello there.", ref, seed=3, temperature=0.8, max_new_tokens=20)
+    assert sr == 16000 and wav.dtype == np.float32
+    assert len(wav) % 320 == 0 and 0 < len(wav) <= 20 * 320
+    assert np.array_equal(wav, again)
+    assert abs(float(wav.mean())) < 1e-4  # DC removed
+
+
+def test_tts_with_reference_transcript_and_voice_reuse(model, golden_inputs):
+    ref = golden_inputs["short_16k"]
+    voice = model.voice(ref, text="Rice is often served in round bowls.")
+    assert voice.global_codes.shape == (32,) and voice.semantic_codes is not None
+    wav, _ = model.tts(" And soup too.", voice, seed=0, **FAST)
+    assert len(wav) % 320 == 0
+    plain = model.voice(ref)
+    assert torch.equal(plain.global_codes, voice.global_codes)
+
+
+def test_vc_output(model, golden_inputs):
+    wav, sr = model.vc(golden_inputs["speech1_8k"], golden_inputs["speech2_22k"], seed=0, **FAST)
+    assert sr == 16000 and len(wav) % 320 == 0 and len(wav) > 0
+
+
+def test_array_input_equals_file_input(model, golden_inputs):
+    path = golden_inputs["speech1_8k"]
+    data, sr = sf.read(str(path), dtype="float32")
+    assert model.asr((data, sr), **FAST) == model.asr(path, **FAST)
+
+
+def test_api_bad_input(model, golden_inputs, tmp_path):
+    ref = golden_inputs["short_16k"]
+    with pytest.raises(ValueError, match="unknown sampling option.*'beam_size'"):
+        model.tts("hi", ref, beam_size=2)
+    with pytest.raises(ValueError, match="text to synthesise is empty"):
+        model.tts("  ", ref)
+    with pytest.raises(AudioError, match="not found"):
+        model.asr(tmp_path / "missing.wav")
+    with pytest.raises(AudioError, match="silent"):
+        model.vc((np.zeros(16000, dtype=np.float32), 16000), ref)
+    with pytest.raises(ValueError, match="input too long"):
+        model.tts("hi", ref, max_new_tokens=10**6)
+
+
+def test_cli_asr_text_and_json(mini_dir, golden_inputs, capsys):
+    files = [str(golden_inputs["speech1_8k"]), str(golden_inputs["short_16k"])]
+    assert main(["asr", *files, "--model", str(mini_dir), "--max-new-tokens", "8", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert main(["asr", *files, "--model", str(mini_dir), "--max-new-tokens", "8", "--format", "json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["file"] for r in rows] == files and [r["text"] for r in rows] == lines
+
+
+def test_cli_tts_and_vc_write_audio(mini_dir, golden_inputs, tmp_path):
+    ref = str(golden_inputs["speech0_22k"])
+    out = tmp_path / "out.wav"
+    assert main(["tts", "Hello.", "--reference", ref, "-o", str(out), "--model", str(mini_dir),
+                 "--max-new-tokens", "10", "--seed", "1"]) == 0
+    data, sr = sf.read(str(out))
+    assert sr == 16000 and 0 < len(data) <= 3200
+    lst = tmp_path / "sources.txt"
+    lst.write_text(f"{golden_inputs['speech1_8k']}\n{golden_inputs['short_16k']}\n")
+    outdir = tmp_path / "vc"
+    assert main(["vc", "--list", str(lst), "--reference", ref, "-o", str(outdir), "--model", str(mini_dir),
+                 "--max-new-tokens", "10", "--no-progress"]) == 0
+    assert sorted(p.name for p in outdir.iterdir()) == ["short_16k.wav", "speech1_8k.wav"]
+
+
+def test_cli_errors(mini_dir, golden_inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GPA_MODEL", raising=False)
+    assert main(["asr", str(golden_inputs["short_16k"])]) == 2
+    assert "no model given" in capsys.readouterr().err
+    assert main(["asr", str(tmp_path / "nope.wav"), "--model", str(mini_dir)]) == 1
+    assert "Skipping" in capsys.readouterr().err and True
+    assert main(["asr", str(golden_inputs["short_16k"]), "--model", str(tmp_path)]) == 1
+    assert "missing: config.json" in capsys.readouterr().err
+    assert main(["tts", "hi", "--reference", str(tmp_path / "r.wav"), "-o", str(tmp_path / "o.wav"),
+                 "--model", str(mini_dir)]) == 1
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["asr", "x.wav", "--beam-size", "3"])
+    assert "unrecognized arguments: --beam-size" in capsys.readouterr().err
