@@ -1,4 +1,10 @@
-"""Autoregressive generation with a static KV cache: prefill each prompt, then decode all rows together."""
+"""Autoregressive generation over a static KV cache with a fixed number of slots.
+
+:class:`SlotDecoder` is the one decoding core: a prompt is prefilled into a free slot (its first token
+sampled from the prefill logits), then every live sequence advances one token per batched
+:meth:`SlotDecoder.step`, each at its own position with its own sampling options and RNG. Plain
+:func:`generate` and the continuous-batching engine both drive it.
+"""
 
 from __future__ import annotations
 
@@ -34,88 +40,115 @@ class TokenEvent:
     finished: bool
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+class SequenceState:
+    """A request occupying one cache slot."""
+
+    def __init__(self, request: GenerationRequest, slot: int, vocab_size: int, device: torch.device) -> None:
+        self.request = request
+        self.slot = slot
+        self.length = len(request.prompt)  # tokens in the cache once the last one is fed
+        self.output: list[int] = []
+        self.generator = None
+        if request.params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(request.prompt, device=device)] = True
+
+    @property
+    def finished(self) -> bool:
+        """True after a stop token or at the length limit."""
+        if not self.output:
+            return False
+        return self.output[-1] in self.request.stop or len(self.output) >= self.request.params.max_new_tokens
+
+    def constrain(self, logits: Tensor) -> None:
+        """Apply this request's filters to its (1, V) logits in place."""
+        for f in self.request.filters:
+            f.apply(logits, len(self.output))
+
+    def record(self, token: int) -> None:
+        self.output.append(token)
+        self.seen[token] = True
 
 
-class _Rows:
-    """Per-row decoding state for a batch of requests."""
+class SlotDecoder:
+    """Owns the KV cache; admits sequences into free slots and advances them together."""
 
-    def __init__(self, requests: Sequence[GenerationRequest], vocab_size: int, device: torch.device) -> None:
-        self.requests = requests
-        self.generators = [_generator(r.params.seed, device) for r in requests]
-        self.seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
-        for b, r in enumerate(requests):
-            self.seen[b, torch.tensor(r.prompt, device=device)] = True
-        self.penalty = torch.tensor([r.params.repetition_penalty for r in requests], device=device)
-        self.lengths = [len(r.prompt) for r in requests]
-        self.generated = [0] * len(requests)
+    def __init__(self, model: GPALM, slots: int, max_seq_len: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.device = model.head_weight().device
+        self.max_seq_len = max_seq_len
+        self.cache = KVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
+                             dtype=model.head_weight().dtype, device=self.device)
+        self.free = list(range(slots))[::-1]  # pop() hands out slot 0 first
 
-    def choose(self, rows: list[int], logits: Tensor) -> Tensor:
-        """Constrain, penalise and sample (n, V) logits of ``rows`` -> (n,) token ids."""
-        for i, b in enumerate(rows):
-            for f in self.requests[b].filters:
-                f.apply(logits[i : i + 1], self.generated[b])
-        idx = torch.tensor(rows, device=logits.device)
-        logits = repetition_penalty(logits, self.seen[idx], self.penalty[idx])
-        params = [self.requests[b].params for b in rows]
-        return sample_next(logits, params, [self.generators[b] for b in rows])
+    def check_fits(self, request: GenerationRequest) -> None:
+        """Raise if the prompt is empty or prompt + max_new_tokens exceeds the cache length."""
+        if not request.prompt:
+            raise ValueError("empty prompt")
+        needed = len(request.prompt) + request.params.max_new_tokens
+        if needed > self.max_seq_len:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_new_tokens "
+                             f"({request.params.max_new_tokens}) needs {needed} positions; the limit is {self.max_seq_len}")
 
-    def record(self, b: int, token: int) -> bool:
-        """Account for ``token`` in row ``b``; True if the row is finished."""
-        self.seen[b, token] = True
-        self.generated[b] += 1
-        self.lengths[b] += 1
-        r = self.requests[b]
-        return token in r.stop or self.generated[b] >= r.params.max_new_tokens
+    @torch.inference_mode()
+    def prefill(self, request: GenerationRequest) -> SequenceState:
+        """Put ``request`` in a free slot, run its prompt and sample its first token."""
+        self.check_fits(request)
+        if not self.free:
+            raise RuntimeError("no free KV-cache slot")
+        state = SequenceState(request, self.free.pop(), self.model.config.vocab_size, self.device)
+        ids = torch.tensor([request.prompt], device=self.device)
+        logits = self.model(ids, cache=self.cache, cache_rows=slice(state.slot, state.slot + 1), last_only=True)
+        self._choose([state], logits[:, -1])
+        return state
+
+    @torch.inference_mode()
+    def step(self, states: Sequence[SequenceState]) -> None:
+        """Feed each state's last token and sample its next one (all in one forward pass)."""
+        ids = torch.tensor([[s.output[-1]] for s in states], device=self.device)  # (n, 1)
+        positions = torch.tensor([[s.length] for s in states], device=self.device)  # (n, 1)
+        rows = torch.tensor([s.slot for s in states], device=self.device)
+        logits = self.model(ids, positions, cache=self.cache, cache_rows=rows)[:, -1]
+        for s in states:
+            s.length += 1
+        self._choose(states, logits)
+
+    def release(self, state: SequenceState) -> None:
+        """Return the state's slot; its stale cache entries are masked out by position."""
+        self.free.append(state.slot)
+
+    def _choose(self, states: Sequence[SequenceState], logits: Tensor) -> None:
+        for i, s in enumerate(states):
+            s.constrain(logits[i : i + 1])
+        seen = torch.stack([s.seen for s in states])
+        penalty = torch.tensor([s.request.params.repetition_penalty for s in states], device=logits.device)
+        logits = repetition_penalty(logits, seen, penalty)
+        tokens = sample_next(logits, [s.request.params for s in states], [s.generator for s in states])
+        for s, t in zip(states, tokens.tolist(), strict=True):
+            s.record(t)
 
 
-@torch.inference_mode()
 def iter_generate(model: GPALM, requests: Sequence[GenerationRequest], max_seq_len: int | None = None
                   ) -> Iterator[TokenEvent]:
-    """Generate for every request, yielding each token as soon as it is chosen.
-
-    Rows are prefilled one at a time (so no padding ever enters attention) and then decoded as
-    one batch; each row keeps its own position, sampling options and RNG.
-    """
+    """Generate for every request at once, yielding each token as soon as it is chosen."""
     if not requests:
         return
-    for r in requests:
-        if not r.prompt:
-            raise ValueError("empty prompt")
-    device = model.head_weight().device
-    cfg = model.config
     needed = max(len(r.prompt) + r.params.max_new_tokens for r in requests)
-    max_seq_len = max_seq_len or needed
-    if needed > max_seq_len:
-        raise ValueError(f"prompt plus max_new_tokens needs {needed} positions, more than {max_seq_len}")
-    cache = KVCache(cfg.num_hidden_layers, len(requests), cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
-                    dtype=model.head_weight().dtype, device=device)
-    state = _Rows(requests, cfg.vocab_size, device)
-    last = []
-    for b, r in enumerate(requests):
-        ids = torch.tensor([r.prompt], device=device)
-        logits = model(ids, cache=cache, cache_rows=slice(b, b + 1), last_only=True)
-        last.append(logits[0, -1])
-    active = list(range(len(requests)))
-    logits = torch.stack(last)  # (n, V)
+    decoder = SlotDecoder(model, len(requests), max_seq_len or needed)
+    for r in requests:
+        decoder.check_fits(r)
+    states = []
+    for row, r in enumerate(requests):
+        states.append(decoder.prefill(r))
+        yield TokenEvent(row, states[-1].output[-1], states[-1].finished)
+    active = [(row, s) for row, s in enumerate(states) if not s.finished]
     while active:
-        tokens = state.choose(active, logits).tolist()
-        still = []
-        for b, token in zip(active, tokens, strict=True):
-            done = state.record(b, token)
-            yield TokenEvent(b, token, done)
-            if not done:
-                still.append((b, token))
-        active = [b for b, _ in still]
-        if not active:
-            break
-        ids = torch.tensor([[t] for _, t in still], device=device)  # (n, 1)
-        positions = torch.tensor([[state.lengths[b] - 1] for b in active], device=device)
-        rows = None if len(active) == len(requests) else torch.tensor(active, device=device)
-        logits = model(ids, positions, cache=cache, cache_rows=rows)[:, -1]
+        decoder.step([s for _, s in active])
+        for row, s in active:
+            yield TokenEvent(row, s.output[-1], s.finished)
+        active = [(row, s) for row, s in active if not s.finished]
 
 
 def generate(model: GPALM, requests: Sequence[GenerationRequest], max_seq_len: int | None = None) -> list[list[int]]:
