@@ -175,13 +175,14 @@ class GPA:
         reqs = [GenerationRequest(p.prompt_ids, params, self._filters[task], stop) for p in prompts]
         return [[t for t in out if t not in stop] for out in generate(self.lm, reqs)]
 
-    def _decode(self, ids: list[int], global_codes: torch.Tensor) -> tuple[np.ndarray, int]:
+    def _decode(self, ids: list[int], global_codes: torch.Tensor, remove_dc: bool = True) -> tuple[np.ndarray, int]:
+        """Semantic ids -> waveform; the offline API removes the DC offset as the authors do."""
         if not ids:
             logger.warning("the model produced no audio tokens")
             return np.zeros(0, dtype=np.float32), self.sample_rate
         semantic = torch.tensor([self.vocab.semantic_codes(ids)], device=self.device)
         wav = self.bicodec.decode(semantic, global_codes[None].to(self.device))[0].float().cpu().numpy()
-        return (wav - wav.mean()).astype(np.float32), self.sample_rate  # DC removal, as the authors do
+        return (wav - wav.mean() if remove_dc else wav).astype(np.float32), self.sample_rate
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPA:

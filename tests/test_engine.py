@@ -1,0 +1,176 @@
+"""The continuous-batching engine: equality with single requests, streaming, cancellation, limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+import gpa
+from gpa.config import Task
+from gpa.engine import (
+    AudioChunk,
+    Engine,
+    EngineConfig,
+    EngineOverloaded,
+    EngineRequest,
+    Finished,
+    StreamConfig,
+    TextDelta,
+)
+from gpa.engine.streaming import AudioStreamer, receptive_field
+
+
+@pytest.fixture(scope="module")
+def model(mini_dir):
+    return gpa.load(mini_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def voice(model, golden_inputs):
+    return model.voice(golden_inputs["speech0_22k"])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(events) -> list:
+    return [e async for e in events]
+
+
+def audio_of(events: list) -> np.ndarray:
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    return np.concatenate([c.samples for c in chunks]) if chunks else np.zeros(0, np.float32)
+
+
+SAMPLED = {"temperature": 0.9, "top_k": 50, "seed": 11, "max_new_tokens": 60}
+
+
+def test_concurrent_requests_equal_single_requests(model, voice, golden_inputs):
+    texts = ["Hello there.", "A second, longer sentence to say.", "Three."]
+    sources = [golden_inputs["speech1_8k"], golden_inputs["short_16k"]]
+    asr_inputs = [golden_inputs["long_16k"], golden_inputs["quiet_24k"]]
+
+    async def main():
+        async with Engine(model, EngineConfig(max_slots=3)) as eng:
+            jobs = [eng.tts(t, voice, stream=False, **SAMPLED) for t in texts]
+            jobs += [eng.vc(s, voice, stream=False, **SAMPLED) for s in sources]
+            jobs += [eng.asr(a, max_new_tokens=30) for a in asr_inputs]
+            streams = [await j for j in jobs]
+            return await asyncio.gather(*(collect(s) for s in streams))
+
+    results = run(main())
+    for t, events in zip(texts, results[:3], strict=True):
+        wav, _ = model.tts(t, voice, **SAMPLED)
+        got = audio_of(events)
+        assert len(got) == len(wav) and np.allclose(got - got.mean(), wav, atol=1e-5)
+    for s, events in zip(sources, results[3:5], strict=True):
+        wav, _ = model.vc(s, voice, **SAMPLED)
+        got = audio_of(events)
+        assert len(got) == len(wav) and np.allclose(got - got.mean(), wav, atol=1e-5)
+    for a, events in zip(asr_inputs, results[5:], strict=True):
+        assert events[-1].text == model.asr(a, max_new_tokens=30)
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)).strip() == events[-1].text
+
+
+def test_request_admitted_midway_gets_the_same_tokens(model, voice):
+    alone = model.tts("Joining late.", voice, **SAMPLED)[0]
+
+    async def main():
+        async with Engine(model, EngineConfig(max_slots=2, stream=StreamConfig(first_chunk=2, chunk=2))) as eng:
+            first = await eng.tts("The first request runs for a while.", voice, temperature=0.9, seed=1,
+                                  max_new_tokens=200)
+            seen = 0
+            async for _ in first:  # let the first request get going before the second arrives
+                seen += 1
+                if seen == 3:
+                    break
+            late = await eng.tts("Joining late.", voice, stream=False, **SAMPLED)
+            return await collect(late)
+
+    got = audio_of(run(main()))
+    assert np.allclose(got - got.mean(), alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [StreamConfig(), StreamConfig(first_chunk=1, chunk=7)])
+def test_streamed_audio_equals_offline_decode(model, voice, config):
+    options = {"seed": 0, "max_new_tokens": 100}  # this seed speaks for 64 tokens with the tiny model
+
+    async def main():
+        async with Engine(model, EngineConfig(stream=config)) as eng:
+            return await collect(await eng.tts("Hello there.", voice, **options))
+
+    events = run(main())
+    streamed = audio_of(events)
+    n = events[-1].output_tokens
+    assert n > config.first_chunk + receptive_field(model.bicodec)  # so audio really was streamed
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks[0].samples) == config.first_chunk * 320
+    assert all(len(c.samples) == config.chunk * 320 for c in chunks[1:-1])
+    wav, _ = model.tts("Hello there.", voice, **options)  # offline: one decode of all codes, DC removed
+    assert len(streamed) == len(wav) == n * 320
+    assert np.allclose(streamed - streamed.mean(), wav, atol=1e-5)
+
+
+def test_streamer_context_sizes(model):
+    field = receptive_field(model.bicodec)
+    codes = torch.randint(0, model.bicodec.semantic_codebook_size, (150,), generator=torch.Generator().manual_seed(0))
+    glob = torch.randint(0, 4096, (32,), generator=torch.Generator().manual_seed(1))
+    offline = model.bicodec.decode(codes[None], glob[None])[0].numpy()
+    for left, ahead, exact in [(None, None, True), (field, field, True), (4, 2, False)]:
+        s = AudioStreamer(model.bicodec, glob, StreamConfig(first_chunk=5, chunk=9, left=left, lookahead=ahead), field)
+        out = [c for i in range(0, 150, 4) for c in s.push(codes[i : i + 4].tolist())] + s.finish()
+        y = np.concatenate(out)
+        assert len(y) == len(offline)  # never a duplicated or missing sample
+        assert np.allclose(y, offline, atol=1e-5) == exact
+
+
+def test_cancellation_frees_the_slot(model, voice):
+    async def main():
+        async with Engine(model, EngineConfig(max_slots=1, max_queue=4)) as eng:
+            long = await eng.tts("Long one.", voice, temperature=1.0, seed=0, max_new_tokens=2000)
+            async for _ in long:
+                break
+            await long.aclose()
+            for _ in range(100):
+                if eng.load["running"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert eng.load == {"running": 0, "waiting": 0, "slots": 1}
+            return await collect(await eng.asr(model_input, max_new_tokens=5))
+
+    model_input = (np.sin(np.arange(16000) / 7).astype(np.float32), 16000)
+    events = run(main())
+    assert isinstance(events[-1], Finished) and events[-1].reason in ("stop", "length")
+
+
+def test_limits_reject_with_clear_errors(model, voice):
+    async def main():
+        async with Engine(model, EngineConfig(max_slots=1, max_queue=0, max_seq_len=256)) as eng:
+            with pytest.raises(ValueError, match="limit is 256"):
+                await eng.tts("Too long for this cache.", voice, max_new_tokens=1000)
+            busy = await eng.tts("Busy.", voice, temperature=1.0, seed=0, max_new_tokens=150)
+            with pytest.raises(EngineOverloaded, match="engine is full"):
+                await eng.tts("Rejected.", voice, max_new_tokens=10)
+            await collect(busy)
+            return await collect(await eng.tts("Accepted now.", voice, max_new_tokens=10))
+
+    assert isinstance(run(main())[-1], Finished)
+    with pytest.raises(ValueError, match="global codes"):
+        EngineRequest(Task.TTS, [1, 2], gpa.SamplingParams())
+
+
+def test_many_concurrent_requests_all_complete(model, voice):
+    async def main():
+        async with Engine(model, EngineConfig(max_slots=4, max_queue=32)) as eng:
+            streams = [await eng.tts(f"Request number {i}.", voice, seed=i, temperature=0.8, max_new_tokens=30)
+                       for i in range(16)]
+            return await asyncio.gather(*(collect(s) for s in streams))
+
+    results = run(main())
+    assert all(isinstance(r[-1], Finished) for r in results)
+    assert all(len(audio_of(r)) == r[-1].output_tokens * 320 for r in results)
