@@ -89,8 +89,9 @@ class SlotDecoder:
             raise ValueError("empty prompt")
         needed = len(request.prompt) + request.params.max_new_tokens
         if needed > self.max_seq_len:
-            raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_new_tokens ({request.params.max_new_tokens})"
-                             f" needs {needed} positions; the limit is {self.max_seq_len}")
+            new = request.params.max_new_tokens
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_new_tokens ({new}) needs {needed} "
+                             f"positions; the limit is {self.max_seq_len}")
 
     @torch.inference_mode()
     def prefill(self, request: GenerationRequest) -> SequenceState:
