@@ -17,7 +17,7 @@ from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
 from gpa.config import DEFAULT_SAMPLING, SamplingParams, Task
 from gpa.generation import GenerationRequest, generate
-from gpa.logits import stop_ids, task_filters
+from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.model import GPALM
 from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt
 from gpa.vocab import Vocab
@@ -56,6 +56,7 @@ class GPA:
         self.device = lm.head_weight().device
         self.sample_rate = bicodec.sample_rate
         self._filters = {t: task_filters(vocab, t, lm.config.vocab_size) for t in Task}
+        self._allowed = {t: allowed_ids(vocab, t, lm.config.vocab_size) for t in Task}
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
@@ -172,7 +173,8 @@ class GPA:
                     f"input too long: the {task.value} prompt has {len(p.prompt_ids)} tokens and max_new_tokens "
                     f"is {params.max_new_tokens}; together at most {limit} fit the model's context")
         stop = stop_ids(self.vocab, task)
-        reqs = [GenerationRequest(p.prompt_ids, params, self._filters[task], stop) for p in prompts]
+        reqs = [GenerationRequest(p.prompt_ids, params, self._filters[task], stop, self._allowed[task])
+                for p in prompts]
         return [[t for t in out if t not in stop] for out in generate(self.lm, reqs)]
 
     def _decode(self, ids: list[int], global_codes: torch.Tensor, remove_dc: bool = True) -> tuple[np.ndarray, int]:

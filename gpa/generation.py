@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gpa.config import SamplingParams
@@ -29,6 +30,7 @@ class GenerationRequest:
     params: SamplingParams
     filters: list[LogitFilter] = field(default_factory=list)  # output constraints
     stop: frozenset[int] = frozenset()  # ids that end the sequence (kept in the output)
+    allowed: Tensor | None = None  # (V,) bool: the only ids it may emit (the head computes just those)
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,13 @@ class SequenceState:
 class SlotDecoder:
     """Owns the KV cache; admits sequences into free slots and advances them together."""
 
-    def __init__(self, model: GPALM, slots: int, max_seq_len: int) -> None:
+    def __init__(self, model: GPALM, slots: int, max_seq_len: int, restrict_head: bool = True) -> None:
         cfg = model.config
         self.model = model
+        self.restrict_head = restrict_head
+        # id(allowed mask) -> (the mask, kept alive so its id stays unique; its ids; their head rows),
+        # or None when the set is too large for a separate copy of its rows to pay off.
+        self._heads: dict[int, tuple[Tensor, Tensor, Tensor] | None] = {}
         self.device = model.head_weight().device
         self.max_seq_len = max_seq_len
         self.cache = KVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
@@ -101,8 +107,9 @@ class SlotDecoder:
             raise RuntimeError("no free KV-cache slot")
         state = SequenceState(request, self.free.pop(), self.model.config.vocab_size, self.device)
         ids = torch.tensor([request.prompt], device=self.device)
-        logits = self.model(ids, cache=self.cache, cache_rows=slice(state.slot, state.slot + 1), last_only=True)
-        self._choose([state], logits[:, -1])
+        hidden = self.model(ids, cache=self.cache, cache_rows=slice(state.slot, state.slot + 1), last_only=True,
+                            hidden_only=True)
+        self._choose([state], self._logits(hidden[:, -1], [state]))
         return state
 
     @torch.inference_mode()
@@ -111,14 +118,46 @@ class SlotDecoder:
         ids = torch.tensor([[s.output[-1]] for s in states], device=self.device)  # (n, 1)
         positions = torch.tensor([[s.length] for s in states], device=self.device)  # (n, 1)
         rows = torch.tensor([s.slot for s in states], device=self.device)
-        logits = self.model(ids, positions, cache=self.cache, cache_rows=rows)[:, -1]
+        hidden = self.model(ids, positions, cache=self.cache, cache_rows=rows, hidden_only=True)[:, -1]
         for s in states:
             s.length += 1
-        self._choose(states, logits)
+        self._choose(states, self._logits(hidden, states))
 
     def release(self, state: SequenceState) -> None:
         """Return the state's slot; its stale cache entries are masked out by position."""
         self.free.append(state.slot)
+
+    def _logits(self, hidden: Tensor, states: Sequence[SequenceState]) -> Tensor:
+        """(n, C) hidden -> (n, V) fp32 logits; rows restricted to an id set get -inf elsewhere.
+
+        The output head is the largest matrix of a small GPA (180k x 512): a TTS step needs only
+        the 8192 semantic rows, so those are gathered once and used alone.
+        """
+        full = self.model.head_weight()
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(states):
+            allowed = s.request.allowed
+            use = self.restrict_head and allowed is not None and self._head(allowed) is not None
+            groups.setdefault(id(allowed) if use else -1, []).append(i)
+        if list(groups) == [-1]:
+            return F.linear(hidden, full).float()
+        out = torch.full((len(states), full.shape[0]), float("-inf"), device=hidden.device)
+        for key, rows in groups.items():
+            idx = torch.tensor(rows, device=hidden.device)
+            if key == -1:
+                out[idx] = F.linear(hidden[idx], full).float()
+                continue
+            _, ids, weight = self._head(states[rows[0]].request.allowed)
+            out[idx[:, None], ids[None]] = F.linear(hidden[idx], weight).float()
+        return out
+
+    def _head(self, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        if id(allowed) not in self._heads:
+            ids = torch.nonzero(allowed).flatten().to(self.device)
+            small = len(ids) <= allowed.numel() // 2
+            head = self.model.head_weight().index_select(0, ids).contiguous() if small else None
+            self._heads[id(allowed)] = (allowed, ids, head) if small else None
+        return self._heads[id(allowed)]
 
     def _choose(self, states: Sequence[SequenceState], logits: Tensor) -> None:
         for i, s in enumerate(states):

@@ -23,15 +23,16 @@ class KVCache:
         self.batch = batch
 
     def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor,
-               rows: Tensor | slice | None = None) -> tuple[Tensor, Tensor]:
+               rows: Tensor | slice | None = None, kv_len: int | None = None) -> tuple[Tensor, Tensor]:
         """Write k, v (B, KV, T, D) at ``positions`` (B, T) of cache ``rows``.
 
         Args:
             rows: the cache slots of the B rows: None for all slots in order, a slice (a view, no
-                copy), or a (B,) int64 tensor of slot indices.
+                copy), or a (B,) int64 tensor of slot indices (gathered: a copy).
+            kv_len: how many leading positions to return (default all); only those are copied.
 
         Returns:
-            keys and values of those rows over the whole cache, each (B, KV, S, D).
+            keys and values of those rows over positions [0, kv_len), each (B, KV, kv_len, D).
         """
         kc, vc = self.k[layer], self.v[layer]
         if isinstance(rows, slice):
@@ -40,6 +41,7 @@ class KVCache:
         # Advanced indexing on (row, :, pos) puts the indexed dims first: the target is (B, T, KV, D).
         kc[idx[:, None], :, positions] = k.transpose(1, 2).to(kc.dtype)
         vc[idx[:, None], :, positions] = v.transpose(1, 2).to(vc.dtype)
+        kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
         if rows is None:
             return kc, vc
         return kc.index_select(0, rows), vc.index_select(0, rows)

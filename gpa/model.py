@@ -6,6 +6,8 @@ official ``model.safetensors`` loads without a rename table.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,6 +44,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class CacheView:
+    """What one layer needs to read and write the KV cache in this forward pass."""
+
+    kv: KVCache
+    layer: int
+    positions: Tensor  # (B, T) where the new keys go
+    rows: Tensor | slice | None  # cache slots of the batch rows
+    kv_len: int  # keys [0, kv_len) are attended to
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -54,21 +67,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                cache: tuple[KVCache, int, Tensor, Tensor | slice | None] | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | bool, cache: CacheView | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            kv_cache, layer, positions, rows = cache
-            k, v = kv_cache.update(layer, positions, k, v, rows)  # (B, KV, S, D) over the whole cache
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # only positions some row has reached
-        # Without a cache every row is a plain causal sequence: the fast causal kernel needs no mask.
-        causal = cache is None and mask is None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+            # Keys up to the furthest position any row has reached: (B, KV, S, D).
+            k, v = cache.kv.update(cache.layer, cache.positions, k, v, cache.rows, cache.kv_len)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if isinstance(mask, bool) else mask,
+                                           is_causal=mask is True, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -91,8 +100,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                cache: tuple[KVCache, int, Tensor, Tensor | slice | None] | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | bool, cache: CacheView | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -127,6 +135,7 @@ class GPALM(nn.Module):
         padding_mask: Tensor | None = None,
         last_only: bool = False,
         cache_rows: Tensor | slice | None = None,
+        hidden_only: bool = False,
     ) -> Tensor:
         """Logits for ``ids``.
 
@@ -139,6 +148,8 @@ class GPALM(nn.Module):
                 never attended to.
             last_only: return only the last position's logits, (B, 1, V).
             cache_rows: the cache slots of the rows of ``ids``: (B,) int64, a slice, or None for slot b = row b.
+            hidden_only: return the final-norm hidden states (B, T, C) instead, for a caller that
+                applies the output head to only some vocabulary rows.
 
         Returns:
             (B, T, V) float logits (fp32).
@@ -147,24 +158,32 @@ class GPALM(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         mask = self._mask(positions, cache, padding_mask)
+        kv_len = int(positions.max()) + 1 if cache is not None else 0
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(ids)  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, mask, None if cache is None else (cache, i, positions, cache_rows))
+            view = None if cache is None else CacheView(cache, i, positions, cache_rows, kv_len)
+            x = layer(x, rope, mask, view)
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.model.norm(x), self.head_weight()).float()
+        x = self.model.norm(x)
+        return x if hidden_only else F.linear(x, self.head_weight()).float()
 
     @staticmethod
-    def _mask(positions: Tensor, cache: KVCache | None, padding_mask: Tensor | None) -> Tensor | None:
+    def _mask(positions: Tensor, cache: KVCache | None, padding_mask: Tensor | None) -> Tensor | bool:
         """(B, 1, T, S) bool: a query at position p sees keys at positions <= p (and not padding).
 
-        None for an uncached, unpadded batch (plain causal attention). With a cache, S is the
-        highest position in the batch + 1: later cache entries are stale or empty.
+        With a cache, S is the highest position in the batch + 1: later entries are stale or empty.
+        Two common cases need no mask tensor: ``True`` means plain causal attention over the T
+        tokens (an unpadded batch, or one row prefilled from position 0); ``False`` means attend
+        to every key (one query, one row, at the last position).
         """
+        B, T = positions.shape
+        if padding_mask is None and (cache is None or (B == 1 and int(positions[0, 0]) == 0)):
+            return True
+        if cache is not None and B == 1 and T == 1:
+            return False
         if cache is None:
-            if padding_mask is None:
-                return None
             key_pos = positions  # (B, S=T)
         else:
             if padding_mask is not None:

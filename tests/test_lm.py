@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from gpa.checkpoint import Checkpoint, load_lm
 from gpa.config import DEFAULT_SAMPLING, ModelConfig, SamplingParams, Task
-from gpa.generation import GenerationRequest, generate
+from gpa.generation import GenerationRequest, SlotDecoder, generate
 from gpa.kv_cache import KVCache
 from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.sampling import repetition_penalty, top_k_filter, top_p_filter
@@ -159,3 +159,25 @@ def test_lm_strict_load_errors_name_the_problem(tmp_path, mini_dir):
         load_lm(ckpt)
     with pytest.raises(CheckpointError, match="directory not found"):
         Checkpoint.open(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("task", [Task.TTS, Task.VC])
+def test_restricted_head_equals_full_head(lm, vocab, golden, task):
+    """Computing the head over the task's ids only gives the same logits there and the same tokens."""
+    key = "prompt.tts.speech1_8k" if task is Task.TTS else "prompt.vc.speech0_22k.speech2_22k"
+    allowed = allowed_ids(vocab, task, lm.config.vocab_size)
+    req = GenerationRequest(golden[key].tolist(), SamplingParams(temperature=0.8, seed=5, max_new_tokens=40),
+                            task_filters(vocab, task, lm.config.vocab_size), stop_ids(vocab, task), allowed)
+    hidden = torch.randn(3, lm.config.hidden_size)
+    full = torch.nn.functional.linear(hidden, lm.head_weight())
+    outs = []
+    for restrict in (False, True):
+        dec = SlotDecoder(lm, 1, 512, restrict_head=restrict)
+        state = dec.prefill(req)
+        while not state.finished:
+            dec.step([state])
+        outs.append(state.output)
+        logits = dec._logits(hidden, [state] * 3)
+        assert torch.allclose(logits[:, allowed], full[:, allowed], atol=1e-5)
+        assert torch.isinf(logits[:, ~allowed]).all() == restrict
+    assert outs[0] == outs[1]

@@ -128,7 +128,7 @@ class Engine:
         if self._thread is None:
             raise EngineError("the engine is not running; use 'async with Engine(...)' or start()")
         generation = GenerationRequest(request.prompt, request.params, self._filters[request.task],
-                                       self._stops[request.task])
+                                       self._stops[request.task], self.model._allowed[request.task])
         self.decoder.check_fits(generation)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
