@@ -60,20 +60,21 @@ class GPA:
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> GPA:
+                 dtype: torch.dtype | None = None, quantize: str = "none") -> GPA:
         """Load an official-layout checkpoint directory, strictly.
 
         Args:
             path: the directory (config.json, model.safetensors, tokenizer.json, BiCodec/, glm-4-voice-tokenizer/).
             device: default CUDA when available, else CPU.
             dtype: the LLM's dtype; default bfloat16 on CUDA, float32 on CPU. Codecs run in float32.
+            quantize: "int8" for weight-only int8 LLM layers (CPU speed; bf16 activations).
         """
         ckpt = Checkpoint.open(path)
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         glm = GLMTokenizer.from_dir(ckpt.glm, device=device)
         vocab = Vocab.from_dir(ckpt.root, glm_codebook_size=glm.codebook_size)
-        lm = load_lm(ckpt, device=device, dtype=dtype)
+        lm = load_lm(ckpt, device=device, dtype=dtype, quantize=quantize)
         if lm.config.vocab_size < vocab.size:
             raise ValueError(f"{ckpt.llm_config}: vocab_size {lm.config.vocab_size} < tokenizer size {vocab.size}")
         bicodec = BiCodec.from_dir(ckpt.bicodec, device=device)
@@ -187,6 +188,7 @@ class GPA:
         return (wav - wav.mean() if remove_dc else wav).astype(np.float32), self.sample_rate
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPA:
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         quantize: str = "none") -> GPA:
     """Load a GPA checkpoint directory (see :meth:`GPA.from_dir`)."""
-    return GPA.from_dir(path, device=device, dtype=dtype)
+    return GPA.from_dir(path, device=device, dtype=dtype, quantize=quantize)

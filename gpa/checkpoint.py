@@ -10,6 +10,7 @@ import torch
 
 from gpa.config import ModelConfig
 from gpa.model import GPALM
+from gpa.quant import QUANT_MODES, quantize_int8
 from gpa.weights import CheckpointError, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,16 @@ class Checkpoint:
         return ckpt
 
 
-def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GPALM:
-    """Build the LLM from ``config.json`` and load ``model.safetensors`` strictly."""
+def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            quantize: str = "none") -> GPALM:
+    """Build the LLM from ``config.json`` and load ``model.safetensors`` strictly.
+
+    Args:
+        quantize: "none", or "int8" for weight-only int8 linear layers (bf16 activations; ``dtype``
+            is then bfloat16 whatever was asked).
+    """
+    if quantize not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {quantize!r}; expected one of {QUANT_MODES}")
     try:
         cfg = ModelConfig.from_hf(ckpt.llm_config)
     except (ValueError, KeyError) as e:
@@ -77,4 +86,10 @@ def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.d
     ignore = ("lm_head.",) if cfg.tie_word_embeddings else ()
     load_strict(model, state, str(ckpt.llm_weights), ignore_unexpected=ignore)
     logger.info("loaded LLM: %d layers, hidden %d, vocab %d", cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if quantize == "int8":
+        dtype = torch.bfloat16
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if quantize == "int8":
+        quantize_int8(model)
+        model.weight_quant = "int8"
+    return model

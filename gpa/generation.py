@@ -12,13 +12,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gpa.config import SamplingParams
 from gpa.kv_cache import KVCache
 from gpa.logits import LogitFilter
 from gpa.model import GPALM
+from gpa.quant import head_module
 from gpa.sampling import repetition_penalty, sample_next
 
 
@@ -80,9 +80,11 @@ class SlotDecoder:
         cfg = model.config
         self.model = model
         self.restrict_head = restrict_head
-        # id(allowed mask) -> (the mask, kept alive so its id stays unique; its ids; their head rows),
+        self.quant = getattr(model, "weight_quant", "none")
+        # id(allowed mask) -> (the mask, kept alive so its id stays unique; its ids; a head over them),
         # or None when the set is too large for a separate copy of its rows to pay off.
-        self._heads: dict[int, tuple[Tensor, Tensor, Tensor] | None] = {}
+        self._heads: dict[int, tuple[Tensor, Tensor, torch.nn.Module] | None] = {}
+        self._full_head: torch.nn.Module | None = None
         self.device = model.head_weight().device
         self.max_seq_len = max_seq_len
         self.cache = KVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
@@ -133,30 +135,38 @@ class SlotDecoder:
         The output head is the largest matrix of a small GPA (180k x 512): a TTS step needs only
         the 8192 semantic rows, so those are gathered once and used alone.
         """
-        full = self.model.head_weight()
+        full = self._full()
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(states):
             allowed = s.request.allowed
             use = self.restrict_head and allowed is not None and self._head(allowed) is not None
             groups.setdefault(id(allowed) if use else -1, []).append(i)
         if list(groups) == [-1]:
-            return F.linear(hidden, full).float()
-        out = torch.full((len(states), full.shape[0]), float("-inf"), device=hidden.device)
+            return full(hidden).float()
+        out = torch.full((len(states), self.model.config.vocab_size), float("-inf"), device=hidden.device)
         for key, rows in groups.items():
             idx = torch.tensor(rows, device=hidden.device)
             if key == -1:
-                out[idx] = F.linear(hidden[idx], full).float()
+                out[idx] = full(hidden[idx]).float()
                 continue
-            _, ids, weight = self._head(states[rows[0]].request.allowed)
-            out[idx[:, None], ids[None]] = F.linear(hidden[idx], weight).float()
+            _, ids, head = self._head(states[rows[0]].request.allowed)
+            out[idx[:, None], ids[None]] = head(hidden[idx]).float()
         return out
+
+    def _full(self) -> torch.nn.Module:
+        if self._full_head is None:
+            self._full_head = head_module(self.model.head_weight(), self.quant)
+        return self._full_head
 
     def _head(self, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         if id(allowed) not in self._heads:
             ids = torch.nonzero(allowed).flatten().to(self.device)
             small = len(ids) <= allowed.numel() // 2
-            head = self.model.head_weight().index_select(0, ids).contiguous() if small else None
-            self._heads[id(allowed)] = (allowed, ids, head) if small else None
+            if small:
+                rows = self.model.head_weight().index_select(0, ids).contiguous()
+                self._heads[id(allowed)] = (allowed, ids, head_module(rows, self.quant))
+            else:
+                self._heads[id(allowed)] = None
         return self._heads[id(allowed)]
 
     def _choose(self, states: Sequence[SequenceState], logits: Tensor) -> None:

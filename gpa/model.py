@@ -121,6 +121,7 @@ class GPALM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.weight_quant = "none"  # "int8" after gpa.quant.quantize_int8 (set by the loader)
         self.model = Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

@@ -181,3 +181,22 @@ def test_restricted_head_equals_full_head(lm, vocab, golden, task):
         assert torch.allclose(logits[:, allowed], full[:, allowed], atol=1e-5)
         assert torch.isinf(logits[:, ~allowed]).all() == restrict
     assert outs[0] == outs[1]
+
+
+def test_int8_weight_only_quantization(mini_dir, golden, expected):
+    """int8 layers stay close to float32; the accuracy cost is measured here, not assumed."""
+    from gpa.quant import Int8Linear
+
+    w = torch.randn(96, 64)
+    lin, q = torch.nn.Linear(64, 96, bias=False), Int8Linear(w)
+    lin.weight.data = w
+    x = torch.randn(5, 64)
+    assert rel_err(q(x), lin(x)) < 0.02
+    ckpt = Checkpoint.open(mini_dir)
+    ref, quant = load_lm(ckpt), load_lm(ckpt, quantize="int8")
+    assert quant.weight_quant == "int8" and isinstance(quant.model.layers[0].mlp.up_proj, Int8Linear)
+    for key in expected["prompts"]:
+        ids = golden[f"prompt.{key}"][None]
+        assert rel_err(quant(ids)[0, -8:], ref(ids)[0, -8:]) < 0.05, key
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        load_lm(ckpt, quantize="int4")

@@ -1,0 +1,190 @@
+"""``gpa bench``: engine speed on a checkpoint, beside a plain transformers ``generate`` baseline.
+
+Prints one JSON object. TTS runs at several concurrencies through the streaming engine (time to
+first audio, real-time factor, aggregate times real time, LLM tokens/s); ASR runs the whole
+pipeline (both tokenizers, prefill, decode). The baseline is what the authors' offline path does:
+Hugging Face ``generate`` in float32, one request, then one BiCodec decode. Decode speed is also
+set against the bound that the machine's measured memory bandwidth puts on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpa.api import GPA, Voice
+from gpa.config import Task
+from gpa.engine import AudioChunk, Engine, EngineConfig, EngineRequest, StreamConfig, TextDelta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure."""
+
+    model: Path  # checkpoint directory (e.g. a random-weight one with the official shapes)
+    concurrency: tuple[int, ...] = (1, 4, 8, 16)
+    tts_tokens: int = 250  # semantic tokens per TTS request (5 s of audio)
+    asr_seconds: float = 10.0  # length of the ASR input
+    quantize: str = "none"  # "int8": weight-only int8 LLM
+    dtype: str = "float32"  # LLM dtype: float32 or bfloat16
+    lookahead: int | None = None  # streaming context after a chunk; None: exact (the decoder's receptive field)
+    first_chunk: int = 10  # frames in the first audio chunk
+    baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
+
+
+def _speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """A deterministic voiced, syllable-modulated test signal (the benchmark needs no data files)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.5 * t)
+    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / 16000) / k for k in range(1, 12))
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4 * t))
+    return (0.1 * voiced * envelope + 0.005 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def memory_bandwidth_gbs(megabytes: int = 512) -> float:
+    """Copy bandwidth (GB/s of bytes read) measured with a large tensor copy."""
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return src.numel() * 4 / best / 1e9
+
+
+def decode_bytes_per_token(model: GPA, head_rows: int) -> int:
+    """Weight bytes one decode step must read: every transformer layer plus the used head rows."""
+    layers = sum(b.numel() * b.element_size() for b in model.lm.model.layers.state_dict().values())
+    head = model.lm.head_weight()
+    per_row = head.shape[1] * (1 if model.lm.weight_quant == "int8" else head.element_size())
+    return layers + head_rows * per_row
+
+
+def _voice(model: GPA) -> Voice:
+    """The benchmark voice; a random-weight checkpoint may yield NaN speaker codes, so fall back."""
+    try:
+        return model.voice((_speechlike(3.0, seed=1), 16000))
+    except FloatingPointError:
+        logger.warning("speaker codes are NaN (random BatchNorm statistics?); using fixed codes")
+        return Voice(torch.arange(model.bicodec.num_global_tokens) * 97 % model.bicodec.global_codebook_size)
+
+
+async def _tts_one(engine: Engine, request: EngineRequest) -> dict[str, float]:
+    start = time.perf_counter()
+    first = None
+    samples = 0
+    async for ev in await engine.submit(request):
+        if isinstance(ev, AudioChunk):
+            first = first or time.perf_counter() - start
+            samples += len(ev.samples)
+    return {"ttfa_s": first or float("nan"), "wall_s": time.perf_counter() - start,
+            "audio_s": samples / engine.model.sample_rate}
+
+
+async def _tts_round(engine: Engine, model: GPA, voice: Voice, n: int, tokens: int) -> dict[str, float]:
+    params = model.sampling(Task.TTS, max_new_tokens=tokens, seed=0)
+    prompts = model.tts_prompts([f"Benchmark sentence number {i}, spoken at full length." for i in range(n)], voice)
+    start = time.perf_counter()
+    runs = await asyncio.gather(*(_tts_one(engine, EngineRequest(Task.TTS, p.prompt_ids, params, voice.global_codes))
+                                  for p in prompts))
+    wall = time.perf_counter() - start
+    audio = sum(r["audio_s"] for r in runs)
+    return {"concurrency": n, "wall_s": wall, "audio_s": audio, "xrealtime": audio / wall,
+            "rtf_mean": float(np.mean([r["wall_s"] / r["audio_s"] for r in runs])),
+            "ttfa_ms_p50": 1000 * float(np.median([r["ttfa_s"] for r in runs])),
+            "ttfa_ms_max": 1000 * float(max(r["ttfa_s"] for r in runs)),
+            "llm_tokens_per_s": audio * model.bicodec.frame_rate / wall}
+
+
+async def _asr_round(engine: Engine, model: GPA, seconds: float) -> dict[str, float]:
+    audio = (_speechlike(seconds, seed=2), 16000)
+    start = time.perf_counter()
+    first = None
+    async for ev in await engine.asr(audio, max_new_tokens=int(4 * seconds)):
+        if isinstance(ev, TextDelta):
+            first = first or time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return {"seconds": seconds, "wall_s": wall, "rtf": wall / seconds,
+            "ttft_ms": 1000 * (first if first is not None else float("nan"))}
+
+
+def transformers_baseline(model_dir: Path, model: GPA, voice: Voice, tokens: int) -> dict[str, Any]:
+    """The authors' offline TTS path: HF ``generate`` (float32, one request), then one BiCodec decode."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        return {"skipped": f"transformers is not installed ({e})"}
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    prompt = model.tts_prompts(["Benchmark sentence number 0, spoken at full length."], voice)[0]
+    ids = torch.tensor([prompt.prompt_ids])
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, temperature=0.2,
+                          repetition_penalty=1.2, pad_token_id=model.vocab.pad)
+        llm = time.perf_counter() - start
+    codes = (out[0, ids.shape[1]:] % model.bicodec.semantic_codebook_size)[None]  # unconstrained: fold into range
+    start = time.perf_counter()
+    model.bicodec.decode(codes, voice.global_codes[None])
+    vocoder = time.perf_counter() - start
+    audio = tokens / model.bicodec.frame_rate
+    return {"tokens": tokens, "llm_s": llm, "vocoder_s": vocoder, "llm_tokens_per_s": tokens / llm,
+            "rtf": (llm + vocoder) / audio}
+
+
+async def _engine_rounds(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
+    stream = StreamConfig(first_chunk=cfg.first_chunk, lookahead=cfg.lookahead)
+    seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
+    async with Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream)) as engine:
+        await _tts_round(engine, model, voice, 1, 20)  # warm-up
+        tts = []
+        for n in cfg.concurrency:
+            tts.append(await _tts_round(engine, model, voice, n, cfg.tts_tokens))
+            logger.info("TTS concurrency %d: %s", n, tts[-1])
+        asr = await _asr_round(engine, model, cfg.asr_seconds)
+    return tts, asr
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every measurement; returns the JSON-ready report."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    model = GPA.from_dir(cfg.model, device="cpu", dtype=dtype, quantize=cfg.quantize)
+    voice = _voice(model)
+    tts, asr = asyncio.run(_engine_rounds(model, cfg, voice))
+    by_c = {r["concurrency"]: r for r in tts}
+    bandwidth = memory_bandwidth_gbs()
+    bound = bandwidth * 1e9 / decode_bytes_per_token(model, model.bicodec.semantic_codebook_size + 1)
+    baseline = transformers_baseline(cfg.model, model, voice, cfg.baseline_tokens) if cfg.baseline_tokens else {}
+    c1 = by_c.get(1, tts[0])
+    report = {
+        "tts_rtf_c1": c1["rtf_mean"],
+        "tts_ttfa_ms_c1": c1["ttfa_ms_p50"],
+        "tts_xrealtime_c8": by_c[8]["xrealtime"] if 8 in by_c else None,
+        "asr_rtf": asr["rtf"],
+        "tts_speedup_vs_transformers": baseline["rtf"] / c1["rtf_mean"] if "rtf" in baseline else None,
+        "decode_tokens_per_s_c1": c1["llm_tokens_per_s"],
+        "decode_bound_tokens_per_s": bound,
+        "memory_bandwidth_gbs": bandwidth,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tts": tts,
+        "asr": asr,
+        "transformers_baseline": baseline,
+        "config": {**asdict(cfg), "model": str(cfg.model), "threads_used": torch.get_num_threads()},
+    }
+    return report
