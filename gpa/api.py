@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,8 @@ from gpa.vocab import Vocab
 
 logger = logging.getLogger(__name__)
 
-Audio = AudioInput | tuple[np.ndarray, int]  # a path, encoded bytes, or (samples, sample_rate)
+Audio = AudioInput | tuple[np.ndarray, int]
+VOICE_CACHE_SIZE = 64  # reference voices kept tokenized  # a path, encoded bytes, or (samples, sample_rate)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class GPA:
         self.sample_rate = bicodec.sample_rate
         self._filters = {t: task_filters(vocab, t, lm.config.vocab_size) for t in Task}
         self._allowed = {t: allowed_ids(vocab, t, lm.config.vocab_size) for t in Task}
+        self._voices: OrderedDict[tuple[str, str | None], Voice] = OrderedDict()  # LRU of tokenized references
+        self._voice_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
@@ -92,14 +98,23 @@ class GPA:
 
     def voice(self, reference: Audio, text: str | None = None) -> Voice:
         """Tokenize a reference speaker; with its transcript ``text`` TTS continues the reference."""
-        wav = _load(reference, normalize=True, what="reference")
-        codes = self.bicodec.encode_global([wav])[0].cpu()
-        if text is None:
-            return Voice(codes)
-        if not text.strip():
+        if text is not None and not text.strip():
             raise ValueError("reference_text is empty")
-        semantic = self.bicodec.encode_semantic([wav])[0].cpu()
-        return Voice(codes, semantic, text)
+        wav = _load(reference, normalize=True, what="reference")
+        # Requests often reuse a reference: its tokens are cached by content (not by name or path).
+        key = (hashlib.sha1(wav.tobytes()).hexdigest(), text)
+        with self._voice_lock:
+            if key in self._voices:
+                self._voices.move_to_end(key)
+                return self._voices[key]
+        codes = self.bicodec.encode_global([wav])[0].cpu()
+        semantic = None if text is None else self.bicodec.encode_semantic([wav])[0].cpu()
+        voice = Voice(codes, semantic, text)
+        with self._voice_lock:
+            self._voices[key] = voice
+            if len(self._voices) > VOICE_CACHE_SIZE:
+                self._voices.popitem(last=False)
+        return voice
 
     def _as_voice(self, reference: Audio | Voice, text: str | None) -> Voice:
         if isinstance(reference, Voice):

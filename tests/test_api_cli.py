@@ -121,3 +121,13 @@ def test_cli_errors(mini_dir, golden_inputs, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["asr", "x.wav", "--beam-size", "3"])
     assert "unrecognized arguments: --beam-size" in capsys.readouterr().err
+
+
+def test_reference_voices_are_cached_by_content(model, golden_inputs, tmp_path):
+    path = golden_inputs["speech2_22k"]
+    first = model.voice(path)
+    copy = tmp_path / "same_audio_other_name.wav"
+    copy.write_bytes(path.read_bytes())
+    assert model.voice(copy) is first  # same samples, another file: no second tokenization
+    assert model.voice(path, text="with a transcript") is not first
+    assert model.voice(golden_inputs["speech1_22k"]) is not first
