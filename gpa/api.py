@@ -23,6 +23,7 @@ from gpa.generation import GenerationRequest, generate
 from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.model import GPALM
 from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt
+from gpa.text import split_text
 from gpa.vocab import Vocab
 
 logger = logging.getLogger(__name__)
@@ -151,11 +152,23 @@ class GPA:
 
     def tts_batch(self, texts: Sequence[str], reference: Audio | Voice, reference_text: str | None = None,
                   **options: Any) -> list[tuple[np.ndarray, int]]:
-        """Speak several texts in one voice, in one batch."""
+        """Speak several texts in one voice, in one batch.
+
+        A text longer than :data:`gpa.text.MAX_CHARS` is cut at sentence boundaries; its pieces
+        are generated in the same batch and their audio joined, so nothing is truncated.
+        """
         params = self.sampling(Task.TTS, **options)
         voice = self._as_voice(reference, reference_text)
-        outputs = self._generate(Task.TTS, self.tts_prompts(texts, voice), params)
-        return [self._decode(ids, voice.global_codes) for ids in outputs]
+        pieces = [split_text(t) if isinstance(t, str) else [t] for t in texts]
+        flat = [p for ps in pieces for p in ps] or list(texts)
+        waves = [self._decode(ids, voice.global_codes)[0]
+                 for ids in self._generate(Task.TTS, self.tts_prompts(flat, voice), params)]
+        out, i = [], 0
+        for ps in pieces:
+            n = max(len(ps), 1)
+            out.append((np.concatenate(waves[i : i + n]), self.sample_rate))
+            i += n
+        return out
 
     def tts_prompts(self, texts: Sequence[str], voice: Voice) -> list[Prompt]:
         """TTS prompts for ``texts`` in ``voice`` (continuing the reference when it has a transcript)."""

@@ -131,3 +131,16 @@ def test_reference_voices_are_cached_by_content(model, golden_inputs, tmp_path):
     assert model.voice(copy) is first  # same samples, another file: no second tokenization
     assert model.voice(path, text="with a transcript") is not first
     assert model.voice(golden_inputs["speech1_22k"]) is not first
+
+
+def test_long_text_is_split_not_truncated(model, golden_inputs):
+    from gpa.text import split_text
+
+    voice = model.voice(golden_inputs["speech0_22k"])
+    text = "This is a fairly long sentence that keeps going for a while. " * 6
+    pieces = split_text(text)
+    assert len(pieces) > 1
+    options = {"seed": 4, "temperature": 0.7, "max_new_tokens": 12}
+    whole, _ = model.tts(text, voice, **options)
+    parts = [model.tts(p, voice, **options)[0] for p in pieces]
+    assert np.array_equal(whole, np.concatenate(parts))
