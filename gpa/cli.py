@@ -71,7 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (asr, tts, vc):
         _add_common(p)
+    _add_serve(sub, fmt)
     return parser
+
+
+def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """``gpa serve``: the OpenAI-compatible HTTP server (its logic lives in gpa.server)."""
+    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (needs the 'server' extra)",
+                       formatter_class=fmt)
+    p.add_argument("--model", default=os.environ.get("GPA_MODEL"),
+                   help="GPA checkpoint directory in the official layout (default: $GPA_MODEL)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id in the API (default: the checkpoint directory's name)")
+    p.add_argument("--api-key", default=os.environ.get("GPA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $GPA_API_KEY; none: open)")
+    p.add_argument("--voices-dir", type=Path, default=None,
+                   help="where saved voices live (default: $XDG_DATA_HOME/gpa/voices)")
+    p.add_argument("--max-slots", type=int, default=8, help="sequences decoded together (KV-cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="prompt + output tokens per slot")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests handled at once before 429s")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="request body limit in MB")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0, help="longest audio to transcribe")
+    p.add_argument("--max-clip-seconds", type=float, default=30.0,
+                   help="longest reference clip, saved voice sample or VC source")
+    p.add_argument("--max-text-chars", type=int, default=4096, help="longest TTS input")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request ends with 504")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging verbosity (stderr)")
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -168,7 +199,32 @@ def cmd_vc(args: argparse.Namespace) -> int:
     return 1 if _run_each(items, work, not args.no_progress) else 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"asr": cmd_asr, "tts": cmd_tts, "vc": cmd_vc}
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from gpa.server import ServerSettings, create_app
+        from gpa.server.runner import serve
+    except ImportError as e:
+        raise CLIError(f"gpa serve needs the server extra: pip install 'gpa[server]' ({e})") from e
+    from gpa.api import load
+    from gpa.engine import EngineConfig
+
+    if not args.model:
+        raise CLIError("no model given: pass --model DIR (a GPA checkpoint directory) or set GPA_MODEL")
+    optional = {"voices_dir": args.voices_dir, "api_key": args.api_key}
+    settings = ServerSettings(
+        model_name=args.served_model_name or Path(args.model).resolve().name,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_audio_seconds=args.max_audio_seconds,
+        max_clip_seconds=args.max_clip_seconds, max_text_chars=args.max_text_chars,
+        max_concurrent=args.max_concurrent, request_timeout_s=args.request_timeout,
+        engine=EngineConfig(max_slots=args.max_slots, max_queue=args.max_queue, max_seq_len=args.max_seq_len),
+        **{k: v for k, v in optional.items() if v is not None})
+    model = load(args.model, device=args.device, quantize=args.quantize)
+    serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"asr": cmd_asr, "tts": cmd_tts, "vc": cmd_vc,
+                                                            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
