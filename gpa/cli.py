@@ -72,7 +72,40 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (asr, tts, vc):
         _add_common(p)
     _add_serve(sub, fmt)
+    _add_training(sub, fmt)
     return parser
+
+
+def _add_training(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """``gpa prepare``, ``gpa train`` and ``gpa export`` (their logic lives in gpa.train)."""
+    prep = sub.add_parser("prepare", help="tokenize training manifests into shards", formatter_class=fmt)
+    prep.add_argument("manifests", nargs="+", help="authors' .jsonl manifests and/or 'audio|text' lists")
+    prep.add_argument("-o", "--out-dir", required=True, help="output directory (re-running resumes it)")
+    prep.add_argument("--checkpoint", default=os.environ.get("GPA_MODEL"),
+                      help="GPA checkpoint whose tokenizers are used (default: $GPA_MODEL)")
+    prep.add_argument("--list-tasks", default="asr,tts", help="tasks an 'audio|text' line is used for")
+    prep.add_argument("--shard-size", type=int, default=256, help="manifest lines per shard")
+    prep.add_argument("--batch-size", type=int, default=8, help="waveforms per codec call")
+    prep.add_argument("--max-seconds", type=float, default=60.0, help="skip longer segments")
+    prep.add_argument("--max-tokens", type=int, default=2048, help="skip records with longer samples")
+    prep.add_argument("--device", default="cpu", help="where the codecs run")
+    train = sub.add_parser("train", help="train or fine-tune (resumes a run in out_dir; use torchrun for DDP)",
+                           formatter_class=fmt)
+    train.add_argument("--config", type=Path, default=None, help="TrainConfig file (.json or .toml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="override a TrainConfig field (repeatable), e.g. --set data=prep --set max_steps=100")
+    export = sub.add_parser("export", help="write a training checkpoint in the official layout", formatter_class=fmt)
+    export.add_argument("checkpoint", type=Path, help="a training checkpoint (step-N) or run directory")
+    export.add_argument("out_dir", type=Path, help="new checkpoint directory")
+    export.add_argument("--source", type=Path, default=None,
+                        help="GPA checkpoint for tokenizer and codecs (default: the data's)")
+    export.add_argument("--link", action="store_true", help="symlink the codec directories instead of copying")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="LLM weight dtype")
+    for p in (prep, train, export):
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="logging verbosity (stderr)")
 
 
 def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
@@ -199,6 +232,34 @@ def cmd_vc(args: argparse.Namespace) -> int:
     return 1 if _run_each(items, work, not args.no_progress) else 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from gpa.train import PrepareConfig, prepare
+
+    if not args.checkpoint:
+        raise CLIError("no checkpoint given: pass --checkpoint DIR (whose tokenizers to use) or set GPA_MODEL")
+    cfg = PrepareConfig(args.checkpoint, tuple(args.manifests), str(args.out_dir),
+                        tuple(t.strip() for t in args.list_tasks.split(",") if t.strip()), args.shard_size,
+                        args.batch_size, args.max_seconds, args.max_tokens, args.device)
+    report = prepare(cfg, progress=not args.no_progress)
+    print(json.dumps({"out_dir": str(report.out_dir), "records": report.records, "skipped": len(report.skipped)}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gpa.train import load_train_config, train
+
+    result = train(load_train_config(args.config, args.overrides), progress=not args.no_progress)
+    logger.info("finished at step %d; checkpoint %s", result.step, result.checkpoint)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gpa.train import export
+
+    print(export(args.checkpoint, args.out_dir, args.source, args.link, args.dtype))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from gpa.server import ServerSettings, create_app
@@ -224,7 +285,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"asr": cmd_asr, "tts": cmd_tts, "vc": cmd_vc,
-                                                            "serve": cmd_serve}
+                                                            "prepare": cmd_prepare, "train": cmd_train,
+                                                            "export": cmd_export, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
