@@ -74,6 +74,8 @@ def to_api_error(e: BaseException) -> APIError:
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     parts, first = [], None
     for err in errors:
+        if err.get("type") == "json_invalid":
+            return f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})", None
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "form")]
         field = ".".join(loc) or "body"
         first = first or field

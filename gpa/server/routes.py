@@ -74,13 +74,13 @@ async def create_voice(form: Annotated[VoiceForm, Form()], svc: Service) -> Voic
     return await svc.create_voice(form)
 
 
-@router.get("/v1/audio/voices/{voice_id}", responses=ERRORS)
+@router.get("/v1/audio/voices/{voice_id:path}", responses=ERRORS)
 async def get_voice(voice_id: str, svc: Service) -> VoiceInfo:
     info = await svc.blocking(svc.voices.info, voice_id, "voice_id")
     return info
 
 
-@router.delete("/v1/audio/voices/{voice_id}", responses=ERRORS)
+@router.delete("/v1/audio/voices/{voice_id:path}", responses=ERRORS)
 async def delete_voice(voice_id: str, svc: Service) -> VoiceDeleted:
     await svc.blocking(svc.voices.delete, voice_id)
     return VoiceDeleted(id=voice_id)
