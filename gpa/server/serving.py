@@ -135,6 +135,32 @@ class Serving:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
+    async def _started(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """``events`` under the deadline, with the first event already received.
+
+        Waiting for it before the response starts turns an early failure into a proper HTTP error,
+        and a started engine stream is cancelled even if the body is never sent (closing or
+        collecting a started generator runs its cleanup; an unstarted one has none to run).
+        """
+        guarded = self._until_deadline(events)
+        try:
+            first = await guarded.__anext__()
+        except StopAsyncIteration:
+            return guarded
+        except BaseException:
+            await guarded.aclose()  # type: ignore[attr-defined]
+            raise
+
+        async def replay() -> AsyncIterator[Event]:
+            try:
+                yield first
+                async for event in guarded:
+                    yield event
+            finally:
+                await guarded.aclose()  # type: ignore[attr-defined]
+
+        return replay()
+
     @staticmethod
     def _task_of(event: Finished) -> str:
         return "asr" if event.text is not None else "audio"
@@ -170,17 +196,21 @@ class Serving:
                        "X-Sample-Rate": str(self.model.sample_rate)}
             return Response(body, media_type=media_type, headers=headers)
         headers = {"X-Sample-Rate": str(self.model.sample_rate), "Cache-Control": "no-cache"}
+        started = await self._started(events)
         if mode == "sse":
-            return Stream(self._sse_audio(events, fmt), media_type="text/event-stream", headers=headers)
-        return Stream(self._raw_audio(events, fmt), media_type=media_type, headers=headers)
+            return Stream(self._sse_audio(started, fmt), media_type="text/event-stream", headers=headers)
+        return Stream(self._raw_audio(started, fmt), media_type=media_type, headers=headers)
 
     async def _raw_audio(self, events: AsyncIterator[Event], fmt: str) -> AsyncIterator[bytes]:
-        if fmt == "wav":
-            yield media.wav_header(None, self.model.sample_rate)
-        async for event in self._until_deadline(events):
-            if isinstance(event, AudioChunk):
-                yield media.pcm16(event.samples)
-        # an error here ends the body early: the status line is already sent
+        try:
+            if fmt == "wav":
+                yield media.wav_header(None, self.model.sample_rate)
+            async for event in events:
+                if isinstance(event, AudioChunk):
+                    yield media.pcm16(event.samples)
+            # an error ends the body early: the status line is already sent
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     async def _sse_audio(self, events: AsyncIterator[Event], fmt: str) -> AsyncIterator[str]:
         def delta(data: bytes) -> str:
@@ -189,7 +219,7 @@ class Serving:
         try:
             if fmt == "wav":
                 yield delta(media.wav_header(None, self.model.sample_rate))
-            async for event in self._until_deadline(events):
+            async for event in events:
                 if isinstance(event, AudioChunk):
                     yield delta(media.pcm16(event.samples))
                 elif isinstance(event, Finished):
@@ -198,6 +228,8 @@ class Serving:
                     yield _sse(SpeechAudioDone(usage=usage))
         except Exception as e:  # noqa: BLE001 - reported in-band, the headers are gone
             yield _sse(StreamError(type="speech.audio.error", error=to_api_error(e).detail()))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     # --- speech ------------------------------------------------------------------------------------
 
@@ -248,8 +280,8 @@ class Serving:
         first = await self.engine.asr((wav[spans[0][0]:spans[0][1]], SAMPLE_RATE), **options)  # errors before 200
         duration = len(wav) / SAMPLE_RATE
         if form.stream:
-            return Stream(self._sse_transcript(first, wav, spans, options), media_type="text/event-stream",
-                          headers={"Cache-Control": "no-cache"})
+            return Stream(self._sse_transcript(await self._started(first), wav, spans, options),
+                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         segments = []
         for i, (a, b) in enumerate(spans):
             events = first if i == 0 else await self.engine.asr((wav[a:b], SAMPLE_RATE), **options)
@@ -261,11 +293,13 @@ class Serving:
                               options: dict[str, Any]) -> AsyncIterator[str]:
         texts: list[str] = []
         tokens = [0, 0]
+        events = first
         try:
             for i, (a, b) in enumerate(spans):
-                events = first if i == 0 else await self.engine.asr((wav[a:b], SAMPLE_RATE), **options)
+                if i > 0:
+                    events = self._until_deadline(await self.engine.asr((wav[a:b], SAMPLE_RATE), **options))
                 sep, started = (" " if any(texts) else ""), False
-                async for event in self._until_deadline(events):
+                async for event in events:
                     if isinstance(event, TextDelta):
                         delta = event.text if started else event.text.lstrip()
                         if delta:
@@ -281,6 +315,7 @@ class Serving:
         except Exception as e:  # noqa: BLE001 - reported in-band
             yield _sse(StreamError(type="error", error=to_api_error(e).detail()))
         finally:
+            await events.aclose()  # type: ignore[attr-defined]
             await first.aclose()  # type: ignore[attr-defined]
 
     # --- voices ------------------------------------------------------------------------------------

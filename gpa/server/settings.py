@@ -27,7 +27,7 @@ class ServerSettings:
     max_clip_seconds: float = 30.0  # longest reference clip, saved voice sample or VC source
     max_text_chars: int = 4096  # longest TTS input
     max_concurrent: int = 64  # requests handled at once (engine slots + queue + preparation); more get 429
-    request_timeout_s: float = 300.0  # a request running longer ends with 504 (or an error event)
+    request_timeout_s: float = 300.0  # a generation (or transcript segment) running longer: 504 or an error event
     segment_seconds: float = 30.0  # transcription segment length (long audio is split near silences)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
