@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -441,3 +443,30 @@ def test_two_process_torchrun_matches_single_process(corpus, tmp_path):
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert json.loads((latest_checkpoint(tmp_path / "ddp") / "trainer.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_to_the_same_weights(corpus, tmp_path):
+    kw = dict(max_steps=60, save_every=3)
+    whole = tiny_config(corpus[1], tmp_path / "whole", **kw)
+    train(whole)
+    cfg = tiny_config(corpus[1], tmp_path / "killed", **kw)
+    sets = [f"{k}={v}" for k, v in cfg.to_dict().items() if k != "task_weights" and not isinstance(v, tuple)]
+    proc = subprocess.Popen([sys.executable, "-m", "gpa", "train", "--no-progress", "--log-level", "ERROR",
+                             *_set_flags(sets)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(cfg.out_dir) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.kill()  # SIGKILL: no handler runs, a checkpoint may be half written
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert latest_checkpoint(cfg.out_dir).name != "step-0000060", "the run ended before it could be killed"
+    train(cfg)
+    _assert_same_weights(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_bf16_autocast_trains(corpus, tmp_path):
+    result = train(tiny_config(corpus[1], tmp_path / "run", max_steps=3, dtype="bfloat16"))
+    assert all(np.isfinite(result.losses)) and result.losses[-1] < result.losses[0]
