@@ -19,6 +19,7 @@ from gpa.engine import EngineConfig
 from gpa.server import ServerSettings, create_app
 from gpa.server.media import split_points
 from gpa.server.runner import BackgroundServer
+from gpa.text import split_text
 
 MODEL = "gpa-mini"
 TTS = {"seed": 0, "max_new_tokens": 100}  # this seed speaks 64 tokens (1.28 s) with the tiny model
@@ -158,6 +159,27 @@ def test_speech_clones_ref_audio_with_and_without_transcript(http, golden_inputs
                                             "ref_text": "These days a chicken leg is a rare dish.", **TTS})
     assert r.status_code == 200 and r.headers["content-type"] == "audio/mpeg"  # OpenAI's default format
     assert int(r.headers["x-input-tokens"]) > 100  # the reference's semantic codes are in the prompt
+
+
+def test_long_input_is_spoken_sentence_by_sentence(client, alice):
+    sentences = ["The first sentence of a long input is here, and it goes on for a while.",
+                 "A second sentence follows it, adding yet more words to say aloud.",
+                 "The third and last sentence ends the text that is far too long for one piece."]
+    options = {"seed": 1, "max_new_tokens": 30}
+
+    def speak(text: str, **extra):
+        return client.audio.speech.with_raw_response.create(model=MODEL, voice=alice, input=text,
+                                                           response_format="pcm", extra_body={**options, **extra})
+
+    pieces = split_text(" ".join(sentences))
+    assert len(pieces) == 2  # the first two sentences fit one piece of at most 200 characters
+    whole = speak(" ".join(sentences))
+    parts = [speak(p) for p in pieces]
+    assert pcm_samples(whole.content).tolist() == pcm_samples(b"".join(p.content for p in parts)).tolist()
+    for header in ("x-output-tokens", "x-input-tokens"):
+        assert int(whole.headers[header]) == sum(int(p.headers[header]) for p in parts)
+    streamed = speak(" ".join(sentences), stream=True).content
+    assert np.abs(pcm_samples(streamed).astype(int) - pcm_samples(whole.content)).max() <= 1
 
 
 # --- transcription ---------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ VOICES = "/v1/audio/voices"
 CASES = [
     ("speech: missing input", "POST", SPEECH, lambda c: {"json": {"voice": "alice"}}, 400, ["input", "required"],
      "input"),
+    ("speech: blank input", "POST", SPEECH, lambda c: {"json": {"input": "  ", "voice": "alice"}}, 400,
+     ["input is empty"], "input"),
     ("speech: input is a number", "POST", SPEECH, lambda c: {"json": {"input": 3, "voice": "alice"}}, 400,
      ["input", "string"], "input"),
     ("speech: temperature is text", "POST", SPEECH,

@@ -42,6 +42,7 @@ from gpa.server.protocol import (
 )
 from gpa.server.settings import ServerSettings
 from gpa.server.voices import VoiceStore
+from gpa.text import split_text
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,8 @@ class Serving:
     async def speech(self, req: SpeechRequest, request: Request) -> Response:
         self.check_model(req.model)
         fmt = media.check_format(req.response_format)
+        if not req.input.strip():
+            raise bad_request("input is empty", "input", "empty_input")
         if len(req.input) > self.settings.max_text_chars:
             raise bad_request(f"input has {len(req.input)} characters; the limit is {self.settings.max_text_chars}",
                               "input", "text_too_long")
@@ -249,8 +252,30 @@ class Serving:
         params = req.to_sampling_params(Task.TTS)
         ref = media.decode_base64_audio(req.ref_audio) if req.ref_audio is not None else None
         voice = await self._voice(req.voice_name, ref, req.ref_text)
-        events = await self.engine.tts(req.input, voice, stream=mode != "file", **dataclasses.asdict(params))
+        pieces = split_text(req.input) or [req.input]
+        options = {"stream": mode != "file", **dataclasses.asdict(params)}
+        events = (await self.engine.tts(pieces[0], voice, **options) if len(pieces) == 1
+                  else self._tts_pieces(pieces, voice, options))
         return await self._audio_response(events, fmt, mode, request)
+
+    async def _tts_pieces(self, pieces: list[str], voice: Voice, options: dict[str, Any]) -> AsyncIterator[Event]:
+        """A long input as one event stream: its sentences generated one after another (one slot, in order)."""
+        index, prompt_tokens, output_tokens, events = 0, 0, 0, None
+        try:
+            for piece in pieces:
+                events = await self.engine.tts(piece, voice, **options)
+                async for event in events:
+                    if isinstance(event, AudioChunk):
+                        yield dataclasses.replace(event, index=index)
+                        index += 1
+                    elif isinstance(event, Finished):
+                        prompt_tokens += event.prompt_tokens
+                        output_tokens += event.output_tokens
+                        last = event
+            yield dataclasses.replace(last, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+        finally:
+            if events is not None:
+                await events.aclose()  # type: ignore[attr-defined]
 
     # --- conversion --------------------------------------------------------------------------------
 
