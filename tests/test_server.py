@@ -93,6 +93,7 @@ def test_models_health_and_metrics(client, http):
                  "gpa_engine_active_slots", "gpa_generation_tokens_per_second", "gpa_generated_tokens_total"):
         assert f"# TYPE {name.removesuffix('_bucket')}" in text
     assert 'gpa_requests_total{method="GET",route="/health",status="200"}' in text
+    assert "/v1/audio/speech" in http.get("/openapi.json").json()["paths"]
 
 
 # --- speech ----------------------------------------------------------------------------------------------
@@ -275,6 +276,13 @@ def test_conversion_with_saved_voice_upload_and_stream(http, alice, golden_input
         assert r.status_code == 200
         streamed = pcm_samples(b"".join(r.iter_bytes()))
     assert len(streamed) == len(expected) and np.abs(streamed.astype(int) - expected).max() <= 1
+    with http.stream("POST", "/v1/audio/conversions", data={"voice": alice, "stream_format": "sse",
+                                                           "response_format": "pcm", **options},
+                     files={"file": ("src.wav", source)}) as r:
+        events = sse_events(r.iter_lines())
+    assert events[-1]["type"] == "speech.audio.done"
+    sse_audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
+    assert np.array_equal(pcm_samples(sse_audio), streamed)
     ref = golden_inputs["speech0_22k"].read_bytes()
     uploaded = http.post("/v1/audio/conversions", data={"response_format": "flac", **options},
                          files={"file": ("src.wav", source), "ref_audio": ("ref.wav", ref)})

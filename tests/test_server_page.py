@@ -96,8 +96,16 @@ def test_page_synthesises_transcribes_and_converts(server, browser, golden_input
     fill(d, "tts-max-tokens", "100")
     d.find_element(By.ID, "tts-go").click()
     finish(d, "tts-status")
-    assert audio_bytes(d, "tts") > 44
+    size = audio_bytes(d, "tts")
+    assert size > 44
     assert d.find_element(By.ID, "tts-download").get_attribute("download") == "speech.wav"
+    plain_url = d.find_element(By.ID, "tts-download").get_attribute("href")
+    d.find_element(By.ID, "tts-stream").click()  # the same request streamed: played as PCM arrives
+    d.find_element(By.ID, "tts-go").click()
+    finish(d, "tts-status")
+    assert d.find_element(By.ID, "tts-download").get_attribute("href") != plain_url
+    assert audio_bytes(d, "tts") == size  # the streamed samples, saved as WAV
+    d.find_element(By.ID, "tts-stream").click()
     fill(d, "voice-name", "browser-voice")
     d.find_element(By.ID, "voice-save").click()
     finish(d, "tts-status")

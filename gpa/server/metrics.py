@@ -65,7 +65,7 @@ class Metrics:
                 out.append(f'gpa_request_duration_seconds_bucket{{route="{route}",le="+Inf"}} {hist[-1]:g}')
                 out.append(f'gpa_request_duration_seconds_sum{{route="{route}"}} {hist[-2]:.6f}')
                 out.append(f'gpa_request_duration_seconds_count{{route="{route}"}} {hist[-1]:g}')
-            family("gpa_generated_tokens_total", "counter", "tokens generated, by task")
+            family("gpa_generated_tokens_total", "counter", "tokens generated: asr (text) or audio (TTS and VC)")
             for task, n in sorted(self._tokens.items()):
                 out.append(f'gpa_generated_tokens_total{{task="{task}"}} {n}')
             family("gpa_requests_in_progress", "gauge", "HTTP requests being handled")
