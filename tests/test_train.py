@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +44,17 @@ VC_PAIRS = {
 }
 LONG = "arctic_a0001_1592748574"  # 3.3 s: cut into a segment, and too long (max_seconds 3) whole
 SEGMENT = (0.3, 2.3)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread: on a machine shared with other jobs, two spinning threads can be 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +104,8 @@ def corpus(tmp_path_factory, mini_dir, cathy) -> tuple[Path, Path]:
     """(manifest dir, prepared data dir)."""
     root = tmp_path_factory.mktemp("corpus")
     manifests = write_manifests(root / "manifests", cathy)
-    prepare(prepare_config(mini_dir, manifests, root / "data"))
+    with one_thread():
+        prepare(prepare_config(mini_dir, manifests, root / "data"))
     return root / "manifests", root / "data"
 
 
@@ -272,7 +286,7 @@ def overfit(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("overfit")
     (root / "model.json").write_text(json.dumps(WIDER))
     cfg = tiny_config(corpus[1], root / "run", model=str(root / "model.json"), **OVERFIT)
-    result = train(cfg)
+    result = train(cfg)  # threads=1
     exported = export(root / "run", root / "exported")
     return cfg, result, exported
 
@@ -293,7 +307,11 @@ def test_loss_of_every_task_falls_far_below_its_start(overfit, data):
 
 @pytest.mark.slow
 def test_exported_model_reproduces_its_training_examples(overfit, data, cathy):
-    _, _, exported = overfit
+    with one_thread():
+        _reproduces(overfit[2], data, cathy)
+
+
+def _reproduces(exported: Path, data: PreparedData, cathy: Path) -> None:
     model = gpa.load(exported, device="cpu")
     greedy = {"temperature": 0.0, "repetition_penalty": 1.0}
     for name, text in CLIPS.items():
@@ -427,19 +445,27 @@ def test_cli_train_rejects_unknown_keys(capsys):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_single_process(corpus, tmp_path):
-    kw = dict(max_steps=8, grad_accum=2, batch_size=4, log_every=1, save_every=8)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_torchrun_matches_single_process(corpus, tmp_path, parallel):
+    kw = dict(max_steps=8, grad_accum=2, batch_size=4, log_every=1, save_every=4, eval_fraction=0.3, eval_every=4)
     single = train(tiny_config(corpus[1], tmp_path / "single", **kw))
-    same = tiny_config(corpus[1], tmp_path / "ddp", **kw).to_dict()
-    sets = [f"{k}={same[k]}" for k in ("data", "out_dir", "model", "lr", "min_lr", "warmup_steps", "eval_fraction",
-                                       "device", "threads", *kw)]
+    same = tiny_config(corpus[1], tmp_path / "ddp", parallel=parallel, **kw).to_dict()
+    sets = [f"{k}={same[k]}" for k in ("data", "out_dir", "model", "lr", "min_lr", "warmup_steps", "device", "threads",
+                                       "parallel", *kw)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gpa",
            "train", "--no-progress", *_set_flags(sets)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = [row["loss"] for row in _log(tmp_path / "ddp") if "loss" in row]
+    first = _weights(tmp_path / "ddp")
+    shutil.rmtree(latest_checkpoint(tmp_path / "ddp"))  # resume both processes from step 4
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(torch.allclose(first[k], v, atol=1e-6) for k, v in _weights(tmp_path / "ddp").items())
+    ddp = [row["loss"] for row in _log(tmp_path / "ddp") if "loss" in row][:8]  # the first run's
     assert ddp == pytest.approx(single.losses, rel=1e-4)
+    held_out = [row["eval"] for row in _log(tmp_path / "ddp") if "eval" in row][-1]
+    assert held_out == pytest.approx(single.eval_losses, rel=1e-4)
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert json.loads((latest_checkpoint(tmp_path / "ddp") / "trainer.json").read_text())["world_size"] == 2

@@ -73,6 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     dtype: str = "auto"  # auto (bf16 autocast where the GPU supports it, else fp32), float32 or bfloat16
     grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory)
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (parameters, gradients, optimizer state sharded)
     device: str = "auto"  # auto: the local GPU under torchrun / cuda if available, else cpu
     threads: int = 0  # torch CPU threads in this process (0: torch's default)
     seed: int = 0  # weight init, data order, dropout
@@ -94,6 +95,8 @@ class TrainConfig:
                      "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

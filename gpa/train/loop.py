@@ -1,4 +1,4 @@
-"""``gpa train``: the training loop, one process or many under ``torchrun`` (DDP; gloo on CPU, nccl on GPUs).
+"""``gpa train``: the training loop, one process or many under ``torchrun`` (DDP or FSDP; gloo on CPU, nccl on GPUs).
 
 Every process computes the same global batch plan and trains on its slice of each micro-batch; the
 loss is the token mean over the whole global batch (all micro-batches, all processes), so a run with
@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -130,6 +132,13 @@ def build_model(cfg: TrainConfig, data: PreparedData) -> GPALM:
     return model
 
 
+def shard(model: GPALM) -> None:
+    """FSDP: each block, then the rest, split across processes (gathered only while it runs)."""
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices and embeddings only (not norms or biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -173,6 +182,22 @@ def batch_loss(model: nn.Module, ids: Tensor, labels: Tensor, amp: torch.dtype |
                            reduction="none").view_as(targets)
 
 
+@contextlib.contextmanager
+def _grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Accumulate gradients locally (no communication) unless ``sync``: DDP's no_sync, FSDP's switch."""
+    if sync or not dist.is_initialized():
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
 def _all_reduce(t: Tensor) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -189,14 +214,15 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, data: PreparedData,
         mine = batch[d.rank :: d.world]
         ids, labels = collate([data.prompt(samples[i]) for i in mine], data.vocab.pad)
         last = k == len(micro) - 1
-        sync = contextlib.nullcontext() if last or d.world == 1 else model.no_sync()
-        with sync:
+        with _grad_sync(model, last):
             loss = batch_loss(model, ids.to(device), labels.to(device), amp).sum()
             # DDP averages gradients over processes: scale so that the result is the global token mean.
             (loss * d.world / n_targets).backward()
         loss_sum += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                           cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if isinstance(norm, DTensor):  # FSDP: the norm over every process's shards
+        norm = norm.full_tensor()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(_all_reduce(loss_sum)) / n_targets, float(norm)
@@ -208,13 +234,17 @@ def evaluate(model: nn.Module, data: PreparedData, samples: Sequence[Sample], ba
     """Token-mean loss per task over ``samples`` (split across processes)."""
     tasks = list(Task)
     sums = torch.zeros(len(tasks), 2, dtype=torch.float64, device=device)  # (task, [loss, tokens])
-    order = sorted(range(len(samples)), key=lambda i: samples[i].length)[d.rank :: d.world]
+    order = sorted(range(len(samples)), key=lambda i: samples[i].length)
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
-        chunk = [samples[i] for i in order[start : start + batch_size]]
+        batch = order[start : start + batch_size]
+        mine = batch[d.rank :: d.world]
+        chunk = [samples[i] for i in mine or batch[:1]]  # an idle process still joins FSDP's collectives
         ids, labels = collate([data.prompt(s) for s in chunk], data.vocab.pad)
         per_token = batch_loss(model, ids.to(device), labels.to(device), amp)  # (B, T)
+        if not mine:
+            continue
         counted = (labels[:, 1:] != IGNORE_INDEX).sum(1).to(device)
         for b, s in enumerate(chunk):
             sums[tasks.index(s.task)] += torch.stack([per_token[b].sum().double(), counted[b].double()])
@@ -281,9 +311,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, progress: bool) -> T
     if cfg.batch_size < d.world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {d.world} processes")
     model = build_model(cfg, data).to(device)
+    if cfg.parallel == "fsdp" and d.world > 1:
+        shard(model)
     opt = make_optimizer(model, cfg, device)
     start, position, ckpt = _resume(cfg, model, opt, d)
-    net = DistributedDataParallel(model) if d.world > 1 else model
+    net = DistributedDataParallel(model) if cfg.parallel == "ddp" and d.world > 1 else model
     plan = BatchPlan(train_samples, cfg.task_weights, cfg.batch_size, cfg.bucket_batches, cfg.seed)
     amp = autocast_dtype(cfg, device)
     log = JsonlLog(out / LOG_FILE, d.main)

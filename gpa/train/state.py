@@ -3,7 +3,7 @@
 A run directory holds ``checkpoints/step-0000100/`` with::
 
     model.safetensors      every model tensor (LoRA adapters included)
-    optimizer.safetensors  AdamW state, flattened to "<param index>.<name>"
+    optimizer.safetensors  AdamW state, flattened to "<parameter name>.<state name>"
     rng-<rank>.safetensors each process's torch RNG state
     trainer.json           step, data position, configs, optimizer param groups
 
@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint import state_dict as dcp
 
-from gpa.weights import load_strict, read_safetensors
+from gpa.weights import read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -45,26 +46,32 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous()
+FULL = dcp.StateDictOptions(full_state_dict=True)  # whole tensors under their plain names, also from FSDP shards
+GATHER = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # ... gathered to the CPU of rank 0 only
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": _cpu(torch.as_tensor(v)) for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
+def _flat(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
-                    ) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+def _flatten_optimizer(model: nn.Module, opt: torch.optim.Optimizer
+                       ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """AdamW state as "<parameter name>.<state name>" tensors, and the param groups (JSON-ready)."""
+    sd = dcp.get_optimizer_state_dict(model, opt, options=GATHER)
+    tensors = _flat({f"{name}.{k}": v for name, st in sd.get("state", {}).items() for k, v in st.items()})
+    return tensors, sd.get("param_groups", [])
+
+
+def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                    groups: list[dict[str, Any]]) -> None:
+    state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        name, field = key.rsplit(".", 1)
+        state.setdefault(name, {})[field] = value
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    dcp.set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups}, options=FULL)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -89,9 +96,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, opt: torch
         tmp.mkdir(parents=True)
     _barrier()
     save_file(_rng_state(), str(tmp / f"rng-{rank}.safetensors"))
+    weights = _flat(dcp.get_model_state_dict(model, options=GATHER))  # collective under FSDP: every rank calls
+    tensors, groups = _flatten_optimizer(model, opt)
     if rank == 0:
-        save_file({k: _cpu(v) for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        tensors, groups = _flatten_optimizer(opt)
+        save_file(weights, str(tmp / "model.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / TRAINER).write_text(json.dumps({**meta, "step": step, "param_groups": groups}, indent=1))
     _barrier()
@@ -117,12 +125,15 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None, rank: int = 0
                     ) -> dict[str, Any]:
-    """Restore model (strictly), optimizer and this rank's RNG; returns trainer.json."""
+    """Restore model (strictly), optimizer and this rank's RNG; returns trainer.json.
+
+    ``model`` is the plain or FSDP-sharded module (not a DDP wrapper); every rank reads the files.
+    """
     path = Path(path)
     meta = read_meta(path)
-    load_strict(model, read_safetensors(path / "model.safetensors"), str(path))
+    dcp.set_model_state_dict(model, read_safetensors(path / "model.safetensors"), options=FULL)  # strict
     if opt is not None:
-        _load_optimizer(opt, read_safetensors(path / "optimizer.safetensors"), meta["param_groups"])
+        _load_optimizer(model, opt, read_safetensors(path / "optimizer.safetensors"), meta["param_groups"])
     rng_file = path / f"rng-{rank}.safetensors"
     if rng_file.is_file():
         rng = read_safetensors(rng_file)
