@@ -129,18 +129,29 @@ def test_streamer_context_sizes(model):
         assert np.allclose(y, offline, atol=1e-5) == exact
 
 
-def test_cancellation_frees_the_slot(model, voice):
+async def _idle(eng: Engine) -> dict:
+    for _ in range(200):
+        if eng.load["running"] == 0 and eng.load["waiting"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    return eng.load
+
+
+@pytest.mark.parametrize("how", ["aclose_after_first_event", "aclose_before_reading", "dropped_after_break"])
+def test_cancellation_frees_the_slot(model, voice, how):
     async def main():
         async with Engine(model, EngineConfig(max_slots=1, max_queue=4)) as eng:
             long = await eng.tts("Long one.", voice, temperature=1.0, seed=0, max_new_tokens=2000)
-            async for _ in long:
-                break
-            await long.aclose()
-            for _ in range(100):
-                if eng.load["running"] == 0:
+            if how == "aclose_before_reading":
+                await long.aclose()
+            else:
+                async for _ in long:
                     break
-                await asyncio.sleep(0.01)
-            assert eng.load == {"running": 0, "waiting": 0, "slots": 1}
+                if how == "aclose_after_first_event":
+                    await long.aclose()
+                else:
+                    del long  # no explicit close: dropping the stream cancels it
+            assert await _idle(eng) == {"running": 0, "waiting": 0, "slots": 1}
             return await collect(await eng.asr(model_input, max_new_tokens=5))
 
     model_input = (np.sin(np.arange(16000) / 7).astype(np.float32), 16000)

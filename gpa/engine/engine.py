@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +57,47 @@ class _Live:
         self.audio: AudioStreamer | None = None
         self.codes: list[int] = []
         self.chunks = 0
+
+
+class RequestStream:
+    """The events of one request, as an async iterator; closing it cancels the request."""
+
+    def __init__(self, request_id: str, events: asyncio.Queue[Event | BaseException],
+                 cancel: Callable[[], None]) -> None:
+        self.request_id = request_id
+        self._events = events
+        self._cancel = cancel
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            ev = await self._events.get()
+        except BaseException:  # the consumer was cancelled while waiting
+            self.close()
+            raise
+        if isinstance(ev, BaseException):
+            self._done = True
+            raise ev
+        if isinstance(ev, Finished):
+            self._done = True
+        return ev
+
+    def close(self) -> None:
+        """Cancel the request unless it already ended (idempotent, callable from any thread)."""
+        if not self._done:
+            self._done = True
+            self._cancel()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class Engine:
@@ -118,12 +159,12 @@ class Engine:
 
     # --- submission ---------------------------------------------------------------------------------
 
-    async def submit(self, request: EngineRequest) -> AsyncIterator[Event]:
-        """Run ``request``; yields its events, ending with :class:`Finished`.
+    async def submit(self, request: EngineRequest) -> RequestStream:
+        """Run ``request``; iterate the returned stream for its events, ending with :class:`Finished`.
 
-        Leaving the loop early (break, exception, task cancellation) cancels the request and frees
-        its slot. Raises ValueError for a request that can never fit, EngineOverloaded when the
-        queue is full.
+        Closing the stream (``aclose()``, or dropping it, e.g. by leaving the loop early or a task
+        cancellation) cancels the request and frees its slot, even before its first event. Raises
+        ValueError for a request that can never fit, EngineOverloaded when the queue is full.
         """
         if self._thread is None:
             raise EngineError("the engine is not running; use 'async with Engine(...)' or start()")
@@ -139,7 +180,7 @@ class Engine:
             live.audio = AudioStreamer(self.model.bicodec, request.global_codes, self.config.stream,
                                        self._field or 0)
         self._admit_or_reject(live)
-        return self._events(live, events)
+        return RequestStream(request.request_id, events, lambda: self._inbox.put(("cancel", live)))
 
     def _admit_or_reject(self, live: _Live) -> None:
         with self._lock:
@@ -149,29 +190,13 @@ class Engine:
             self._pending += 1
         self._inbox.put(("add", live))
 
-    async def _events(self, live: _Live, events: asyncio.Queue[Event | BaseException]) -> AsyncIterator[Event]:
-        done = False
-        try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, BaseException):
-                    done = True
-                    raise ev
-                yield ev
-                if isinstance(ev, Finished):
-                    done = True
-                    return
-        finally:
-            if not done:
-                self._inbox.put(("cancel", live))
-
     # --- task helpers -------------------------------------------------------------------------------
 
     async def _prepare(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
 
     async def tts(self, text: str, reference: Audio | Voice, reference_text: str | None = None,
-                  stream: bool = True, **options: Any) -> AsyncIterator[Event]:
+                  stream: bool = True, **options: Any) -> RequestStream:
         """Speak ``text`` in the reference's voice; audio events as they are decoded."""
         params = self.model.sampling(Task.TTS, **options)
         voice = await self._prepare(self.model._as_voice, reference, reference_text)
@@ -179,14 +204,14 @@ class Engine:
         return await self.submit(EngineRequest(Task.TTS, prompt.prompt_ids, params, voice.global_codes, stream))
 
     async def vc(self, source: Audio, reference: Audio | Voice, stream: bool = True,
-                 **options: Any) -> AsyncIterator[Event]:
+                 **options: Any) -> RequestStream:
         """Convert ``source`` to the reference's voice."""
         params = self.model.sampling(Task.VC, **options)
         voice = await self._prepare(self.model._as_voice, reference, None)
         prompt = (await self._prepare(self.model.vc_prompts, [source], voice))[0]
         return await self.submit(EngineRequest(Task.VC, prompt.prompt_ids, params, voice.global_codes, stream))
 
-    async def asr(self, audio: Audio, **options: Any) -> AsyncIterator[Event]:
+    async def asr(self, audio: Audio, **options: Any) -> RequestStream:
         """Transcribe ``audio``; text deltas as tokens arrive."""
         params = self.model.sampling(Task.ASR, **options)
         prompt = (await self._prepare(self.model.asr_prompts, [audio]))[0]
