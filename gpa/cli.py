@@ -82,7 +82,7 @@ def _add_training(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     prep.add_argument("manifests", nargs="+", help="authors' .jsonl manifests and/or 'audio|text' lists")
     prep.add_argument("-o", "--out-dir", required=True, help="output directory (re-running resumes it)")
     prep.add_argument("--checkpoint", default=os.environ.get("GPA_MODEL"),
-                      help="GPA checkpoint whose tokenizers are used (default: $GPA_MODEL)")
+                      help="GPA checkpoint whose tokenizers are used ($GPA_MODEL when not given)")
     prep.add_argument("--list-tasks", default="asr,tts", help="tasks an 'audio|text' line is used for")
     prep.add_argument("--shard-size", type=int, default=256, help="manifest lines per shard")
     prep.add_argument("--batch-size", type=int, default=8, help="waveforms per codec call")

@@ -42,6 +42,8 @@ from gpa.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"
+# Settings that fix the sequence of batches; a resumed run with others goes on, but in another order.
+ORDER_KEYS = ("data", "seed", "batch_size", "grad_accum", "task_weights", "eval_fraction", "max_len", "bucket_batches")
 
 
 @dataclass
@@ -277,6 +279,10 @@ def _resume(cfg: TrainConfig, model: GPALM, opt: torch.optim.Optimizer, d: Dist
         return 0, (0, 0), None
     meta = load_checkpoint(ckpt, model, opt, d.rank)
     logger.info("resuming from %s (step %d)", ckpt, meta["step"])
+    changed = sorted(k for k, v in cfg.to_dict().items() if k in ORDER_KEYS and meta["config"].get(k) != v)
+    if changed:
+        logger.warning("resuming with other %s than the checkpoint's: the data order differs from the first run's",
+                       ", ".join(changed))
     return meta["step"], tuple(meta["position"]), ckpt
 
 
@@ -322,6 +328,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, progress: bool) -> T
     meta = {"config": cfg.to_dict(), "model_config": model.config.to_dict(), "world_size": d.world,
             "data_tokenizer_sha256": data.meta["tokenizer_sha256"], "source_checkpoint": data.meta["checkpoint"]}
     result = TrainResult(start, ckpt)
+    window = [0, 0.0]  # tokens and seconds since the last log line
     model.train()
     for step in _steps(start, cfg.max_steps, progress and d.main):
         lr = lr_at(step, cfg)
@@ -330,13 +337,15 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, progress: bool) -> T
         t0 = time.perf_counter()
         micro, position = plan.take(position, cfg.grad_accum)
         loss, norm = train_step(net, opt, data, train_samples, micro, cfg, d, device, amp)
-        seconds = time.perf_counter() - t0
-        tokens = sum(train_samples[i].length for batch in micro for i in batch)
+        window[0] += sum(train_samples[i].length for batch in micro for i in batch)  # real tokens, no padding
+        window[1] += time.perf_counter() - t0
         result.losses.append(loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log.write(step=done, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / seconds)
-            logger.info("step %d loss %.4f lr %.2e grad %.2f %.0f tok/s", done, loss, lr, norm, tokens / seconds)
+            speed = window[0] / window[1]
+            log.write(step=done, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=speed)
+            logger.info("step %d loss %.4f lr %.2e grad %.2f %.0f tok/s", done, loss, lr, norm, speed)
+            window = [0, 0.0]
         if eval_samples and (done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
             result.eval_losses = evaluate(model, data, eval_samples, cfg.batch_size, d, device, amp)
             log.write(step=done, eval=result.eval_losses)

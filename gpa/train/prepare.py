@@ -216,6 +216,9 @@ def _start(out: Path, meta: dict[str, Any], tokenizer: Path) -> None:
         if changed:
             raise ValueError(f"{out} holds data prepared with other settings ({', '.join(changed)}); "
                              "use a new out_dir or remove it")
+        if old.get("checkpoint") != meta["checkpoint"]:
+            logger.warning("%s was started with the codecs of %s; going on with %s (same text tokenizer)", out,
+                           old.get("checkpoint"), meta["checkpoint"])
         return
     shutil.copyfile(tokenizer, out / shards.TOKENIZER)
     shards.atomic_write_text(out / shards.META, json.dumps(meta, indent=2))
