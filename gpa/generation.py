@@ -45,7 +45,7 @@ class TokenEvent:
 class SequenceState:
     """A request occupying one cache slot."""
 
-    def __init__(self, request: GenerationRequest, slot: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, request: GenerationRequest, slot: int, device: torch.device) -> None:
         self.request = request
         self.slot = slot
         self.length = len(request.prompt)  # tokens in the cache once the last one is fed
@@ -53,8 +53,9 @@ class SequenceState:
         self.generator = None
         if request.params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.seen[torch.tensor(request.prompt, device=device)] = True
+        self.device = device
+        self._seen = set(request.prompt)  # ids the repetition penalty applies to
+        self._seen_ids: Tensor | None = None
 
     @property
     def finished(self) -> bool:
@@ -70,7 +71,16 @@ class SequenceState:
 
     def record(self, token: int) -> None:
         self.output.append(token)
-        self.seen[token] = True
+        if token not in self._seen:
+            self._seen.add(token)
+            self._seen_ids = None
+
+    @property
+    def seen_ids(self) -> Tensor:
+        """(S,) int64: every distinct id of the prompt and the output so far."""
+        if self._seen_ids is None:
+            self._seen_ids = torch.tensor(sorted(self._seen), dtype=torch.long, device=self.device)
+        return self._seen_ids
 
 
 class SlotDecoder:
@@ -107,7 +117,7 @@ class SlotDecoder:
         self.check_fits(request)
         if not self.free:
             raise RuntimeError("no free KV-cache slot")
-        state = SequenceState(request, self.free.pop(), self.model.config.vocab_size, self.device)
+        state = SequenceState(request, self.free.pop(), self.device)
         ids = torch.tensor([request.prompt], device=self.device)
         hidden = self.model(ids, cache=self.cache, cache_rows=slice(state.slot, state.slot + 1), last_only=True,
                             hidden_only=True)
@@ -117,9 +127,13 @@ class SlotDecoder:
     @torch.inference_mode()
     def step(self, states: Sequence[SequenceState]) -> None:
         """Feed each state's last token and sample its next one (all in one forward pass)."""
+        states = sorted(states, key=lambda s: s.slot)
         ids = torch.tensor([[s.output[-1]] for s in states], device=self.device)  # (n, 1)
         positions = torch.tensor([[s.length] for s in states], device=self.device)  # (n, 1)
-        rows = torch.tensor([s.slot for s in states], device=self.device)
+        slots = [s.slot for s in states]
+        # Consecutive slots are a view of the cache; any other set is gathered (a copy per layer).
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        rows = slice(slots[0], slots[0] + len(slots)) if consecutive else torch.tensor(slots, device=self.device)
         hidden = self.model(ids, positions, cache=self.cache, cache_rows=rows, hidden_only=True)[:, -1]
         for s in states:
             s.length += 1
@@ -172,9 +186,7 @@ class SlotDecoder:
     def _choose(self, states: Sequence[SequenceState], logits: Tensor) -> None:
         for i, s in enumerate(states):
             s.constrain(logits[i : i + 1])
-        seen = torch.stack([s.seen for s in states])
-        penalty = torch.tensor([s.request.params.repetition_penalty for s in states], device=logits.device)
-        logits = repetition_penalty(logits, seen, penalty)
+            repetition_penalty(logits[i], s.seen_ids, s.request.params.repetition_penalty)
         tokens = sample_next(logits, [s.request.params for s in states], [s.generator for s in states])
         for s, t in zip(states, tokens.tolist(), strict=True):
             s.record(t)

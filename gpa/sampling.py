@@ -14,20 +14,20 @@ from torch import Tensor
 from gpa.config import SamplingParams
 
 
-def repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
-    """Penalise tokens already seen (prompt or output).
+def repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> None:
+    """Penalise tokens already seen (prompt or output), in place.
 
     Args:
-        logits: (B, V) float.
-        seen: (B, V) bool, True where the token occurred.
-        penalty: (B,) float; 1 leaves a row unchanged.
+        logits: (V,) float, one row.
+        seen: (S,) int64 ids that occurred (each once); only these entries are touched.
+        penalty: 1 leaves the row unchanged.
 
-    Returns:
-        (B, V): positive logits divided by the penalty, negative ones multiplied (HF's rule).
+    Positive logits are divided by the penalty, negative ones multiplied (HF's rule).
     """
-    p = penalty[:, None].to(logits.dtype)
-    penalised = torch.where(logits > 0, logits / p, logits * p)
-    return torch.where(seen, penalised, logits)
+    if penalty == 1.0 or seen.numel() == 0:
+        return
+    values = logits[seen]
+    logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -68,10 +68,13 @@ def sample_next(
         if sp.temperature == 0:
             out[b] = row.argmax()
             continue
-        row = row[None] / sp.temperature
+        # Sample among the finite logits only: a task's constraint leaves a few thousand of the
+        # 180k ids, and drawing over the full vocabulary would cost more than the step's matmuls.
+        candidates = torch.nonzero(row > float("-inf")).flatten()
+        sub = row[candidates][None] / sp.temperature
         if sp.top_k is not None:
-            row = top_k_filter(row, sp.top_k)
-        row = top_p_filter(row, sp.top_p)
-        probs = row.float().softmax(-1)
-        out[b] = torch.multinomial(probs, 1, generator=gen)[0, 0]
+            sub = top_k_filter(sub, sp.top_k)
+        sub = top_p_filter(sub, sp.top_p)
+        probs = sub.float().softmax(-1)
+        out[b] = candidates[torch.multinomial(probs, 1, generator=gen)[0, 0]]
     return out

@@ -98,7 +98,7 @@ def test_request_admitted_midway_gets_the_same_tokens(model, voice):
 
 @pytest.mark.parametrize("config", [StreamConfig(), StreamConfig(first_chunk=1, chunk=7)])
 def test_streamed_audio_equals_offline_decode(model, voice, config):
-    options = {"seed": 0, "max_new_tokens": 100}  # this seed speaks for 64 tokens with the tiny model
+    options = {"seed": 1, "max_new_tokens": 100}  # this seed speaks for 77 tokens with the tiny model
 
     async def main():
         async with Engine(model, EngineConfig(stream=config)) as eng:

@@ -117,8 +117,9 @@ def test_sampling_filters():
     kept = ~torch.isinf(top_p_filter(logits, 0.7))[0]
     assert kept.tolist() == [True, True, False, False]  # p(3.0) = 0.66 < 0.7, so the second is needed
     assert (~torch.isinf(top_p_filter(logits, 0.01))).sum() == 1
-    pen = repetition_penalty(logits, torch.tensor([[True, False, False, True]]), torch.tensor([2.0]))
-    assert pen.tolist() == [[1.5, 2.0, 1.0, -2.0]]
+    row = logits[0].clone()
+    repetition_penalty(row, torch.tensor([0, 3]), 2.0)
+    assert row.tolist() == [1.5, 2.0, 1.0, -2.0]
 
 
 def test_sampling_params_validation_and_defaults():
