@@ -201,3 +201,22 @@ def test_int8_weight_only_quantization(mini_dir, golden, expected):
         assert rel_err(quant(ids)[0, -8:], ref(ids)[0, -8:]) < 0.05, key
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         load_lm(ckpt, quantize="int4")
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "none", "tensor"])
+def test_explicit_attention_matches_fused_kernel(mask_kind):
+    from gpa.model import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g),
+               torch.randn(2, 2, 9, 16, generator=g))
+    if mask_kind == "causal":
+        q, mask = torch.randn(2, 4, 9, 16, generator=g), True
+    elif mask_kind == "none":
+        mask = False
+    else:
+        mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
+        mask[..., 0] = True
+    ref = attend(q, k, v, mask)  # float32: the fused kernel
+    low = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()  # bfloat16: the explicit path
+    assert rel_err(low, ref) < 2e-2
