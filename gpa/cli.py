@@ -73,7 +73,44 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
     _add_serve(sub, fmt)
     _add_training(sub, fmt)
+    _add_bench(sub, fmt)
     return parser
+
+
+def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """``gpa bench``: engine speed beside a transformers baseline (its logic lives in gpa.bench)."""
+    p = sub.add_parser("bench", help="measure TTS/ASR speed and print one JSON object", formatter_class=fmt)
+    p.add_argument("--model", default=os.environ.get("GPA_MODEL"),
+                   help="checkpoint directory (e.g. a random-weight one with the official shapes)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM dtype")
+    p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated TTS concurrencies")
+    p.add_argument("--tts-tokens", type=int, default=250, help="semantic tokens per TTS request (50 per second)")
+    p.add_argument("--asr-seconds", type=float, default=10.0, help="ASR input length")
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="streaming context after a chunk in frames (default: exact, the decoder's receptive field)")
+    p.add_argument("--baseline-tokens", type=int, default=100,
+                   help="tokens for the transformers generate baseline (0 skips it)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="accepted for compatibility; the output is always JSON")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging verbosity (stderr)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gpa.bench import BenchConfig, run
+
+    if not args.model:
+        raise CLIError("no model given: pass --model DIR or set GPA_MODEL")
+    try:
+        concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        raise CLIError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+    cfg = BenchConfig(Path(args.model), concurrency=concurrency, tts_tokens=args.tts_tokens,
+                      asr_seconds=args.asr_seconds, quantize=args.quantize, dtype=args.dtype,
+                      lookahead=args.lookahead, baseline_tokens=args.baseline_tokens, threads=args.threads)
+    print(json.dumps(run(cfg), indent=1))
+    return 0
 
 
 def _add_training(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
@@ -286,7 +323,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"asr": cmd_asr, "tts": cmd_tts, "vc": cmd_vc,
                                                             "prepare": cmd_prepare, "train": cmd_train,
-                                                            "export": cmd_export, "serve": cmd_serve}
+                                                            "export": cmd_export, "serve": cmd_serve,
+                                                            "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
