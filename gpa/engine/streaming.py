@@ -23,7 +23,9 @@ class StreamConfig:
     """How audio is cut into chunks (all sizes in semantic frames of 20 ms)."""
 
     first_chunk: int = 10  # frames in the first chunk (short, for the time to first audio)
-    chunk: int = 25  # frames in each later chunk
+    chunk: int = 100  # the largest chunk: chunks double from first_chunk up to this
+    # Every chunk re-decodes its context (about 2 x 61 frames at the official size), so small
+    # chunks multiply the vocoder's work; doubling keeps the start quick and the steady state cheap.
     left: int | None = None  # context before a chunk; None: the decoder's receptive field (exact)
     lookahead: int | None = None  # context after a chunk; None: the receptive field (exact)
 
@@ -63,9 +65,11 @@ class AudioStreamer:
         self.lookahead = field if config.lookahead is None else config.lookahead
         self.codes: list[int] = []
         self.emitted = 0  # frames already turned into samples
+        self.chunks = 0  # chunks emitted
 
     def _next_size(self) -> int:
-        return self.config.first_chunk if self.emitted == 0 else self.config.chunk
+        size = self.config.first_chunk * 2**self.chunks
+        return min(max(size, self.config.first_chunk), max(self.config.chunk, self.config.first_chunk))
 
     def push(self, codes: list[int]) -> list[np.ndarray]:
         """Add newly generated codes; return the chunks that are now final."""
@@ -87,6 +91,7 @@ class AudioStreamer:
         hop = self.codec.hop_length
         out = wav[(self.emitted - start) * hop : (stop - start) * hop].cpu().numpy()
         self.emitted = stop
+        self.chunks += 1
         return out
 
 
