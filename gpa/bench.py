@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,17 +147,36 @@ def transformers_baseline(model_dir: Path, model: GPA, voice: Voice, tokens: int
             "rtf": (llm + vocoder) / audio}
 
 
-async def _engine_rounds(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
+async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
+    await _tts_round(engine, model, voice, 1, 20)  # warm-up
+    tts = []
+    for n in cfg.concurrency:
+        tts.append(await _tts_round(engine, model, voice, n, cfg.tts_tokens))
+        logger.info("TTS concurrency %d: %s", n, tts[-1])
+    return tts, await _asr_round(engine, model, cfg.asr_seconds)
+
+
+def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
+    """The rounds, with the decode loop on this (main) thread and the clients on an asyncio thread."""
     stream = StreamConfig(first_chunk=cfg.first_chunk, lookahead=cfg.lookahead)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
-    async with Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream)) as engine:
-        await _tts_round(engine, model, voice, 1, 20)  # warm-up
-        tts = []
-        for n in cfg.concurrency:
-            tts.append(await _tts_round(engine, model, voice, n, cfg.tts_tokens))
-            logger.info("TTS concurrency %d: %s", n, tts[-1])
-        asr = await _asr_round(engine, model, cfg.asr_seconds)
-    return tts, asr
+    engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream))
+    result: dict[str, Any] = {}
+
+    async def clients() -> None:
+        try:
+            result["rounds"] = await _engine_rounds(engine, model, cfg, voice)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            result["error"] = e
+        finally:
+            engine.shutdown()
+
+    worker = threading.Thread(target=lambda: asyncio.run(clients()), name="gpa-bench-clients")
+    engine.run_here(on_ready=worker.start)
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["rounds"]
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
@@ -166,7 +186,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = GPA.from_dir(cfg.model, device="cpu", dtype=dtype, quantize=cfg.quantize)
     voice = _voice(model)
-    tts, asr = asyncio.run(_engine_rounds(model, cfg, voice))
+    tts, asr = _run_engine(model, cfg, voice)
     by_c = {r["concurrency"]: r for r in tts}
     bandwidth = memory_bandwidth_gbs()
     bound = bandwidth * 1e9 / decode_bytes_per_token(model, model.bicodec.semantic_codebook_size + 1)

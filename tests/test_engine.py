@@ -186,3 +186,30 @@ def test_many_concurrent_requests_all_complete(model, voice):
     results = run(main())
     assert all(isinstance(r[-1], Finished) for r in results)
     assert all(len(audio_of(r)) == r[-1].output_tokens * 320 for r in results)
+
+
+def test_decode_loop_on_the_calling_thread_gives_the_same_results(model, voice):
+    """run_here(): the engine owns the main thread, the asyncio side runs on another."""
+    import threading
+
+    options = {"seed": 3, "temperature": 0.8, "max_new_tokens": 40}
+    engine = Engine(model, EngineConfig(max_slots=2))
+    results: dict = {}
+
+    async def client() -> None:
+        try:
+            streams = [await engine.tts("Main thread decoding.", voice, **options),
+                       await engine.asr(model_input, max_new_tokens=6)]
+            results["events"] = await asyncio.gather(*(collect(s) for s in streams))
+        finally:
+            engine.shutdown()
+
+    model_input = (np.sin(np.arange(16000) / 9).astype(np.float32), 16000)
+    worker = threading.Thread(target=lambda: asyncio.run(client()))
+    engine.run_here(on_ready=worker.start)
+    worker.join()
+    tts_events, asr_events = results["events"]
+    wav, _ = model.tts("Main thread decoding.", voice, **options)
+    got = audio_of(tts_events)
+    assert len(got) == len(wav) and np.allclose(got - got.mean(), wav, atol=1e-5)
+    assert asr_events[-1].text == model.asr(model_input, max_new_tokens=6)
