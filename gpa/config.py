@@ -5,9 +5,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+
+def require_fields(cls: type, keys: Iterable[str], what: str) -> None:
+    """Raise ValueError naming every key that is not a field of the dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(keys) - names
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}; allowed: {sorted(names)}")
 
 
 class Task(enum.StrEnum):
@@ -49,10 +58,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a dict with exactly this dataclass's keys (raises on unknown keys)."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys {sorted(unknown)}; expected a subset of {sorted(names)}")
+        require_fields(cls, d, "ModelConfig keys")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,10 +110,7 @@ class SamplingParams:
 
     def replace(self, **overrides: Any) -> SamplingParams:
         """A copy with ``overrides``; unknown names raise (nothing is silently dropped)."""
-        names = {f.name for f in fields(self)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        require_fields(type(self), overrides, "sampling option(s)")
         return dataclasses.replace(self, **overrides)
 
 

@@ -6,11 +6,11 @@ import dataclasses
 import json
 import tomllib
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpa.config import ModelConfig, Task
+from gpa.config import ModelConfig, Task, require_fields
 
 ALL_TASKS = tuple(t.value for t in Task)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -113,10 +113,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict of this dataclass's fields; unknown keys raise."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; known: {sorted(names)}")
+        require_fields(cls, d, "TrainConfig keys")
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(v, hints[k], k) for k, v in d.items()})
 
