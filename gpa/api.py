@@ -60,8 +60,9 @@ class GPA:
         self.lm, self.vocab, self.bicodec, self.glm = lm, vocab, bicodec, glm
         self.device = lm.head_weight().device
         self.sample_rate = bicodec.sample_rate
-        self._filters = {t: task_filters(vocab, t, lm.config.vocab_size) for t in Task}
         self._allowed = {t: allowed_ids(vocab, t, lm.config.vocab_size) for t in Task}
+        self._filters = {t: task_filters(vocab, t, lm.config.vocab_size, self._allowed[t]) for t in Task}
+        self._stops = {t: stop_ids(vocab, t) for t in Task}
         self._voices: OrderedDict[tuple[str, str | None], Voice] = OrderedDict()  # LRU of tokenized references
         self._voice_lock = threading.Lock()
 
@@ -201,10 +202,13 @@ class GPA:
                 raise ValueError(
                     f"input too long: the {task.value} prompt has {len(p.prompt_ids)} tokens and max_new_tokens "
                     f"is {params.max_new_tokens}; together at most {limit} fit the model's context")
-        stop = stop_ids(self.vocab, task)
-        reqs = [GenerationRequest(p.prompt_ids, params, self._filters[task], stop, self._allowed[task])
-                for p in prompts]
+        stop = self._stops[task]
+        reqs = [self.generation_request(task, p.prompt_ids, params) for p in prompts]
         return [[t for t in out if t not in stop] for out in generate(self.lm, reqs)]
+
+    def generation_request(self, task: Task, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
+        """A prompt with its task's output constraints and stop tokens (shared by the API and the engine)."""
+        return GenerationRequest(prompt_ids, params, self._filters[task], self._stops[task], self._allowed[task])
 
     def _decode(self, ids: list[int], global_codes: torch.Tensor, remove_dc: bool = True) -> tuple[np.ndarray, int]:
         """Semantic ids -> waveform; the offline API removes the DC offset as the authors do."""

@@ -54,11 +54,12 @@ def allowed_ids(vocab: Vocab, task: Task, lm_vocab_size: int) -> Tensor:
     return mask
 
 
-def task_filters(vocab: Vocab, task: Task, lm_vocab_size: int) -> list[LogitFilter]:
-    """The constraints a task's output obeys."""
+def task_filters(vocab: Vocab, task: Task, lm_vocab_size: int, allowed: Tensor | None = None) -> list[LogitFilter]:
+    """The constraints a task's output obeys (``allowed``: its :func:`allowed_ids`, if already built)."""
     # <|im_end|> never comes first: audio needs at least one token, and ASR text closes with
     # <|end_content|> before it.
-    return [AllowedIds(allowed_ids(vocab, task, lm_vocab_size)), SuppressAtStart([vocab.end])]
+    allowed = allowed_ids(vocab, task, lm_vocab_size) if allowed is None else allowed
+    return [AllowedIds(allowed), SuppressAtStart([vocab.end])]
 
 
 def stop_ids(vocab: Vocab, task: Task) -> frozenset[int]:

@@ -24,7 +24,6 @@ from gpa.config import Task
 from gpa.engine.request import AudioChunk, EngineError, EngineOverloaded, EngineRequest, Event, Finished, TextDelta
 from gpa.engine.streaming import AudioStreamer, StreamConfig, TextStreamer, receptive_field
 from gpa.generation import GenerationRequest, SequenceState, SlotDecoder
-from gpa.logits import stop_ids, task_filters
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +110,6 @@ class Engine:
         self.model = model
         self.config = config or EngineConfig()
         self.decoder = SlotDecoder(model.lm, self.config.max_slots, self.config.max_seq_len)
-        self._filters = {t: task_filters(model.vocab, t, model.lm.config.vocab_size) for t in Task}
-        self._stops = {t: stop_ids(model.vocab, t) for t in Task}
         self._field: int | None = None
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[_Live] = deque()
@@ -199,8 +196,7 @@ class Engine:
         """
         if not self._running:
             raise EngineError("the engine is not running; use 'async with Engine(...)', start() or run_here()")
-        generation = GenerationRequest(request.prompt, request.params, self._filters[request.task],
-                                       self._stops[request.task], self.model._allowed[request.task])
+        generation = self.model.generation_request(request.task, request.prompt, request.params)
         self.decoder.check_fits(generation)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
