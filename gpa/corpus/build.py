@@ -1,0 +1,248 @@
+"""``build_corpus``: the same sentences in many voices, written resumably, plus manifests and a summary.
+
+Layout of ``out_dir``::
+
+    wav/<speaker>/<sentence id>.wav   16 kHz mono PCM16, one per (speaker, sentence)
+    real -> <data dir>                 a link to the real recordings (cathy, LibriSpeech excerpts)
+    sentences.jsonl                    the chosen sentences: id, text, source, split
+    train.jsonl heldout_text.jsonl heldout_voice.jsonl cathy_test.jsonl references.jsonl
+    train.list train_gpa.jsonl         the train split for gpa prepare (audio|text list, task records)
+    summary.json                       config, voices, counts, hours, failures
+
+Seen (train) voices speak every chosen sentence: train-bucket sentences go to ``train``, held-out-bucket
+ones to ``heldout_text``. Held-out voices speak only the held-out sentences (``heldout_voice``), so no
+held-out voice and no held-out sentence ever reaches ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+from tqdm import tqdm
+
+from gpa.corpus import manifests, real, text, voices
+from gpa.corpus.manifests import Entry
+from gpa.corpus.synth import SynthesisError, synthesize
+from gpa.corpus.voices import Perturbation, Speaker
+
+logger = logging.getLogger(__name__)
+
+WAV_DIR = "wav"
+REAL_LINK = "real"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """What ``build_corpus`` makes; the same config always gives the same files."""
+
+    sentences: int = 1000  # train-bucket sentences spoken by every seen voice
+    heldout_sentences: int | None = None  # held-out-bucket sentences (None: sentences // 10, at least 1)
+    voices: tuple[str, ...] = ("default",)  # registry names, "default" or "all"; missing engines are skipped
+    perturbations: tuple[str, ...] = ()  # e.g. ("p+300", "p-300t1.1"): each adds a pseudo-speaker per voice
+    sources: tuple[str, ...] = text.SOURCES  # sentence sources, earlier ones first in the round-robin
+    seed: int = 0  # which sentences are chosen, and the pairing of task records
+    workers: int = 2  # engine processes running at once
+    data_dir: str | None = None  # real recordings (cathy/, librispeech-excerpts/); None: real.default_data_dir()
+    real: bool = True  # include cathy and the LibriSpeech excerpts
+    min_chars: int = text.MIN_CHARS  # cleaned sentence length bounds
+    max_chars: int = text.MAX_CHARS
+
+    def __post_init__(self) -> None:
+        if self.sentences < 1 or self.workers < 1:
+            raise ValueError(f"sentences and workers must be >= 1, got {self.sentences} and {self.workers}")
+        if self.heldout_sentences is not None and self.heldout_sentences < 0:
+            raise ValueError(f"heldout_sentences must be >= 0, got {self.heldout_sentences}")
+        if not self.voices:
+            raise ValueError("no voices given")
+        if not 1 <= self.min_chars <= self.max_chars:
+            raise ValueError(f"need 1 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
+        bad = [s for s in self.sources if s not in text.SOURCES]
+        if bad or not self.sources:
+            raise ValueError(f"unknown or no sentence sources {bad}; expected some of {text.SOURCES}")
+        voices.resolve(self.voices)  # raises on unknown names
+        for p in self.perturbations:
+            Perturbation.parse(p)
+
+    @property
+    def n_heldout(self) -> int:
+        return max(1, self.sentences // 10) if self.heldout_sentences is None else self.heldout_sentences
+
+
+@dataclass(frozen=True)
+class Job:
+    """One utterance to make."""
+
+    speaker: Speaker
+    sentence: text.Sentence
+    split: str  # "train", "heldout_text" or "heldout_voice"
+    rel: str  # audio path relative to the corpus folder
+
+
+@dataclass
+class Summary:
+    """What ``build_corpus`` did."""
+
+    out_dir: str
+    config: dict[str, Any]
+    voices_available: list[str]
+    voices_missing: dict[str, str]  # name -> what is missing on this machine
+    speakers: dict[str, list[str]]  # "train" / "heldout": speaker ids
+    sentences: dict[str, int]  # "train" / "heldout": counts
+    utterances: dict[str, int]  # manifest -> lines
+    hours: dict[str, float]  # manifest -> hours of audio
+    synthesised: int  # new files this run
+    reused: int  # files found from an earlier run
+    failed: list[dict[str, str]] = field(default_factory=list)  # {"speaker", "sentence", "error"}
+    seconds: float = 0.0  # wall time of this run
+    manifests: dict[str, str] = field(default_factory=dict)  # what -> file name
+
+
+def choose_sentences(cfg: CorpusConfig, data_dir: Path | None) -> list[text.Sentence]:
+    """The train-bucket and held-out-bucket sentences of ``cfg``, train ones first."""
+    seen: set[str] = set()
+    cathy = None if data_dir is None else data_dir / real.CATHY
+    pools = {s: list(text.pool(text.read_source(s, cathy), s, seen, cfg.min_chars, cfg.max_chars))
+             for s in cfg.sources}
+    train = text.select({k: [s for s in p if not s.heldout] for k, p in pools.items()}, cfg.sentences, cfg.seed)
+    held = text.select({k: [s for s in p if s.heldout] for k, p in pools.items()}, cfg.n_heldout, cfg.seed)
+    return train + held
+
+
+def speakers_of(cfg: CorpusConfig) -> tuple[list[Speaker], dict[str, str]]:
+    """Every runnable voice, plain and perturbed, and the voices skipped for missing software."""
+    ok, missing = voices.available(voices.resolve(cfg.voices))
+    perturbations = [Perturbation.parse(p) for p in cfg.perturbations]
+    return [Speaker(v, p) for v in ok for p in (None, *perturbations)], missing
+
+
+def plan(speakers: list[Speaker], sentences: list[text.Sentence]) -> list[Job]:
+    """Seen speakers x all sentences, held-out speakers x held-out sentences."""
+    jobs = []
+    for sp in speakers:
+        held_voice = sp.voice.name in voices.HELDOUT_VOICES
+        for s in sentences:
+            if held_voice and not s.heldout:
+                continue
+            split = "heldout_voice" if held_voice else ("heldout_text" if s.heldout else "train")
+            jobs.append(Job(sp, s, split, f"{WAV_DIR}/{sp.name}/{s.id}.wav"))
+    return jobs
+
+
+def _run_job(job: Job, out: Path) -> tuple[Job, float | None, bool, str | None]:
+    """(job, duration in seconds or None, whether an existing file was reused, error or None)."""
+    path = out / job.rel
+    if path.is_file():
+        return job, sf.info(str(path)).duration, True, None
+    try:
+        return job, synthesize(job.speaker, job.sentence.text, path), False, None
+    except SynthesisError as e:
+        return job, None, False, str(e)
+
+
+def synthesise_all(jobs: list[Job], out: Path, workers: int, progress: bool) -> tuple[list[Entry], int, int,
+                                                                                     list[dict[str, str]]]:
+    """Run ``jobs`` on ``workers`` threads (each drives one engine process); returns entries, new, reused, failed."""
+    entries, new, reused, failed = [], 0, 0, []
+    # Threads suffice: the work is in the engine and sox subprocesses, which run on all cores.
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(jobs), disable=not progress,
+                                                               unit="utt", desc="synthesise") as bar:
+        for job, duration, was_there, error in pool.map(lambda j: _run_job(j, out), jobs):
+            bar.update(1)
+            if duration is None:
+                logger.warning("failed %s %s: %s", job.speaker.name, job.sentence.id, error)
+                failed.append({"speaker": job.speaker.name, "sentence": job.sentence.id, "error": str(error)})
+                continue
+            reused, new = (reused + 1, new) if was_there else (reused, new + 1)
+            identity = job.speaker.voice.person + (job.speaker.perturbation.suffix if job.speaker.perturbation
+                                                   else "")
+            entries.append(Entry(job.rel, job.sentence.text, job.speaker.name, job.speaker.voice.name, job.split,
+                                 job.sentence.id, "synthetic", round(duration, 3), identity))
+    return entries, new, reused, failed
+
+
+def link_real(out: Path, data_dir: Path) -> None:
+    """Make ``out/real`` a link to ``data_dir`` (replacing an older link); refuses to replace anything else."""
+    link = out / REAL_LINK
+    if link.is_symlink():
+        if Path(os.readlink(link)) == data_dir.resolve():
+            return
+        link.unlink()
+    elif link.exists():
+        raise FileExistsError(f"{link} exists and is not a link; remove it or build into another folder")
+    link.symlink_to(data_dir.resolve(), target_is_directory=True)
+
+
+def real_entries(out: Path, data_dir: Path) -> dict[str, list[Entry]]:
+    """Manifest entries of the real recordings: cathy train / test and the LibriSpeech references."""
+    link_real(out, data_dir)
+    groups: dict[str, list[Entry]] = defaultdict(list)
+    for u in real.cathy(data_dir) + real.librispeech(data_dir):
+        group = {"train": "train", "heldout_text": "cathy_test", "reference": "references"}[u.split]
+        sentence = text.sentence_id(u.text) if u.text else None
+        groups[group].append(Entry(f"{REAL_LINK}/{u.rel}", u.text, u.speaker, "real", u.split, sentence, "real",
+                                   round(sf.info(str(u.path)).duration, 3), u.speaker))
+    return groups
+
+
+def _sort_key(e: Entry) -> tuple[str, str]:
+    return e.speaker, e.audio
+
+
+def build_corpus(out_dir: str | Path, config: CorpusConfig = CorpusConfig(), progress: bool = False) -> Summary:
+    """Synthesise (or resume) the corpus of ``config`` into ``out_dir`` and write its manifests.
+
+    Args:
+        out_dir: the corpus folder (created; files of an earlier run with the same config are reused).
+        config: sentences, voices, perturbations, seed and workers.
+        progress: show a tqdm bar.
+
+    Returns:
+        The summary, also written to ``out_dir/summary.json``.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(config.data_dir) if config.data_dir else real.default_data_dir()
+    sentences = choose_sentences(config, data_dir)
+    speakers, missing = speakers_of(config)
+    if not speakers:
+        raise RuntimeError(f"none of the voices {list(config.voices)} can run here: {missing}")
+    manifests.write_jsonl(out / "sentences.jsonl", ({"id": s.id, "text": s.text, "source": s.source,
+                                                     "split": "heldout" if s.heldout else "train"}
+                                                    for s in sentences))
+    entries, new, reused, failed = synthesise_all(plan(speakers, sentences), out, config.workers, progress)
+    groups: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        groups[e.split].append(e)
+    if config.real and data_dir is not None and data_dir.is_dir():
+        for group, real_list in real_entries(out, data_dir).items():
+            groups[group].extend(real_list)
+    elif config.real:
+        logger.warning("real recordings not found (data_dir %s; set %s); real manifests are empty", data_dir,
+                       real.DATA_ENV)
+    for g in groups.values():
+        g.sort(key=_sort_key)
+    names = manifests.write_splits(out, groups)
+    manifests.write_jsonl(out / manifests.TRAIN_TASKS, manifests.task_records(groups["train"], config.seed))
+    summary = Summary(
+        str(out), asdict(config), sorted({sp.voice.name for sp in speakers}), missing,
+        {"train": sorted(sp.name for sp in speakers if sp.voice.name not in voices.HELDOUT_VOICES),
+         "heldout": sorted(sp.name for sp in speakers if sp.voice.name in voices.HELDOUT_VOICES)},
+        {"train": sum(not s.heldout for s in sentences), "heldout": sum(s.heldout for s in sentences)},
+        {k: len(groups.get(k, [])) for k in manifests.SPLITS},
+        {k: round(sum(e.duration for e in groups.get(k, [])) / 3600, 4) for k in manifests.SPLITS},
+        new, reused, failed, round(time.perf_counter() - start, 2),
+        {**names, "list": manifests.TRAIN_LIST, "tasks": manifests.TRAIN_TASKS, "sentences": "sentences.jsonl"})
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
+    logger.info("corpus %s: %d new, %d reused, %d failed utterances in %.1f s", out, new, reused, len(failed),
+                summary.seconds)
+    return summary
