@@ -1,0 +1,261 @@
+"""The corpus builder with the real Debian voices: files, manifests, held-out splits, determinism, resumption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from gpa.config import Task
+from gpa.corpus import CorpusConfig, Summary, build_corpus, is_heldout, real, sentence_id, split_key, text
+from gpa.corpus import cli as corpus_cli
+from gpa.corpus.manifests import SPLIT_FILES, TRAIN_LIST, TRAIN_TASKS, read_jsonl
+from gpa.corpus.voices import HELDOUT_VOICES, REGISTRY, Perturbation, missing_requirement, resolve
+from gpa.train.manifest import SourceRecord, read_manifest
+
+DATA = real.default_data_dir()
+VOICES = ("rhvoice_bdl", "flite_slt", "flite_rms")  # two seen voices (RHVoice, flite) and one held-out voice
+MISSING = {v: missing_requirement(REGISTRY[v]) for v in VOICES}
+needs_voices = pytest.mark.skipif(any(MISSING.values()),
+                                  reason=f"TTS voices missing (bash .ci/install-voices installs them): {MISSING}")
+needs_data = pytest.mark.skipif(DATA is None or not (DATA / "cathy").is_dir(),
+                                reason="real recordings not found: set GPA_DATA or put shared/data beside the repo")
+
+
+def _config(**kw: object) -> CorpusConfig:
+    base = dict(sentences=3, heldout_sentences=1, voices=VOICES, perturbations=("p+300",),
+                sources=("arctic", "fortunes"), seed=7, workers=2,
+                data_dir=None if DATA is None else str(DATA))
+    return CorpusConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+# ---- the fixed text split -------------------------------------------------------------------------------
+
+
+def test_split_is_pinned() -> None:
+    # The held-out bucket is a published contract: these values must never change.
+    assert sentence_id("Author of the danger trail, Philip Steels, etc.") == "sf2cad6cdef"
+    assert is_heldout("Author of the danger trail, Philip Steels, etc.")
+    assert sentence_id("Not at this particular case, Tom, apologized Whittemore.") == "s6cf0da4f92"
+    assert not is_heldout("Not at this particular case, Tom, apologized Whittemore.")
+    key = "author of the danger trail philip steels etc"
+    assert split_key("Author of the danger trail, Philip Steels, etc.") == key
+    assert int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10 == 0
+
+
+def test_split_ignores_case_punctuation_and_spacing() -> None:
+    a, b = "That's Thorpe's, said the young engineer.", "  that's THORPE'S said the young engineer "
+    assert split_key(a) == split_key(b) and sentence_id(a) == sentence_id(b) and is_heldout(a) == is_heldout(b)
+
+
+def test_split_is_stable_as_the_pool_grows() -> None:
+    small = list(text.pool(["I had been sad too long already.", "They ought to pass here some time today."],
+                           "arctic", set()))
+    grown = list(text.pool(["Many pages make a thick book.", "They ought to pass here some time today.",
+                            "I had been sad too long already."], "arctic", set()))
+    assert {s.id: s.heldout for s in small}.items() <= {s.id: s.heldout for s in grown}.items()
+    # The seeded order is per sentence, so the earlier picks keep their relative order.
+    picked = [s.id for s in text.select({"a": grown}, 3, seed=1) if s.id in {x.id for x in small}]
+    assert picked == [s.id for s in text.select({"a": small}, 2, seed=1)]
+
+
+def test_clean_rules() -> None:
+    assert text.clean('"the oceans are teeming with life"') == "The oceans are teeming with life."
+    assert text.clean("He was born in 1999 in a small town.") is None  # digits
+    assert text.clean("The caf\u00e9 was closed for the whole day.") is None  # non-ASCII
+    assert text.clean("The NASA probe reached the outer planets.") is None  # acronym
+    assert text.clean("I was sick once -- typhoid, and nothing more.") is None  # formatting run
+    assert text.clean("Too short.") is None and text.clean("word " * 50) is None
+    assert text.clean("Too short but allowed.", min_chars=5) == "Too short but allowed."
+
+
+def test_offline_sources_yield_sentences() -> None:
+    for name in ("wordnet", "fortunes"):
+        if not (text.WORDNET_DIR if name == "wordnet" else text.FORTUNES_DIR).is_dir():
+            pytest.skip(f"Debian {'wordnet-base' if name == 'wordnet' else 'fortunes'} not installed")
+        sentences = list(text.pool(text.read_source(name, None), name, set()))
+        share = sum(s.heldout for s in sentences) / len(sentences)
+        assert len(sentences) > 1000 and 0.08 < share < 0.12, (name, len(sentences), share)
+        assert all(text.clean(s.text) == s.text for s in sentences[:500])
+
+
+def test_select_refuses_more_than_the_pools_hold() -> None:
+    pool = list(text.pool(["I had been sad too long already."], "arctic", set()))
+    with pytest.raises(ValueError, match="only 1 usable"):
+        text.select({"arctic": pool}, 2, seed=0)
+
+
+# ---- voices ---------------------------------------------------------------------------------------------
+
+
+def test_registry_and_heldout_voices() -> None:
+    persons = [v.person for v in REGISTRY.values()]
+    for name in HELDOUT_VOICES:  # a held-out voice's speaker is nowhere else in the registry
+        assert persons.count(REGISTRY[name].person) == 1 and REGISTRY[name].quality == "good"
+    assert all(not v.restricted and v.quality != "low" for v in resolve(("default",)))
+    assert REGISTRY["rhvoice_lyubov"].restricted and REGISTRY["mbrola_us1"].restricted
+    with pytest.raises(ValueError, match="unknown voice 'nope'"):
+        resolve(("nope",))
+
+
+def test_perturbation_specs() -> None:
+    p = Perturbation.parse("p-200t1.1")
+    assert (p.pitch_cents, p.tempo, p.suffix) == (-200, 1.1, "_p-200_t1.1")
+    assert p.sox_effects() == ["pitch", "-200", "tempo", "-s", "1.1"]
+    for bad in ("", "p300", "x", "t3", "p+0"):
+        with pytest.raises(ValueError, match="perturbation"):
+            Perturbation.parse(bad)
+
+
+# ---- real recordings --------------------------------------------------------------------------------------
+
+
+@needs_data
+def test_cathy_split_follows_the_text_hash() -> None:
+    utts = real.cathy(DATA)
+    assert utts and all(u.split == ("heldout_text" if is_heldout(u.text) else "train") for u in utts)
+    prompts = {u.text for u in utts}
+    share = sum(is_heldout(t) for t in prompts) / len(prompts)
+    assert 0.07 < share < 0.13, share
+
+
+# ---- a real build -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Summary]:
+    if any(MISSING.values()):
+        pytest.skip(f"TTS voices missing (bash .ci/install-voices installs them): {MISSING}")
+    out = tmp_path_factory.mktemp("corpus")
+    return out, build_corpus(out, _config())
+
+
+@needs_voices
+@pytest.mark.slow
+def test_build_writes_16k_mono_speech(built: tuple[Path, Summary]) -> None:
+    out, summary = built
+    assert summary.failed == [] and summary.synthesised == 2 * (2 * 4 + 1)  # (plain + p+300) x (2 voices x 4 + 1)
+    entries = [e for f in ("train", "heldout_text", "heldout_voice") for e in read_jsonl(out / SPLIT_FILES[f])
+               if e["source"] == "synthetic"]
+    assert len(entries) == summary.synthesised
+    for e in entries:
+        info = sf.info(str(out / e["audio"]))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        x, _ = sf.read(str(out / e["audio"]))
+        assert np.sqrt(np.mean(x**2)) > 0.01 and abs(info.duration - e["duration"]) < 1e-3
+        words = len(e["text"].split())
+        assert words / 5.0 < info.duration < words / 1.5 + 1.0, (e, info.duration)  # 1.5-5 words per second
+
+
+@needs_voices
+@pytest.mark.slow
+def test_pitch_perturbation_shifts_pitch_not_length(built: tuple[Path, Summary]) -> None:
+    out, _ = built
+    for e in read_jsonl(out / "train.jsonl"):
+        if e["speaker"] == "rhvoice_bdl":
+            plain, _ = sf.read(str(out / e["audio"]))
+            shifted, _ = sf.read(str(out / e["audio"].replace("rhvoice_bdl", "rhvoice_bdl_p+300")))
+            assert abs(len(plain) - len(shifted)) < 0.02 * len(plain)
+            ratio = _median_f0(shifted) / _median_f0(plain)
+            assert 1.12 < ratio < 1.26, ratio  # +300 cents is a factor 2 ** (3 / 12) = 1.189
+
+
+def _median_f0(x: np.ndarray, sr: int = 16000) -> float:
+    """Median autocorrelation pitch (60-400 Hz) over voiced 40 ms frames."""
+    n, found = 640, []
+    for i in range(0, len(x) - n, n // 2):
+        f = x[i : i + n] - x[i : i + n].mean()
+        if np.sqrt(np.mean(f**2)) < 0.02:
+            continue
+        ac = np.correlate(f, f, "full")[n - 1 :]
+        lag = sr // 400 + int(np.argmax(ac[sr // 400 : sr // 60]))
+        if ac[lag] > 0.5 * ac[0]:
+            found.append(sr / lag)
+    assert len(found) > 10, "too few voiced frames"
+    return float(np.median(found))
+
+
+@needs_voices
+@pytest.mark.slow
+def test_manifests_keep_heldout_sentences_and_voices_out_of_train(built: tuple[Path, Summary]) -> None:
+    out, _ = built
+    sentences = {s["id"]: s for s in read_jsonl(out / "sentences.jsonl")}
+    train, held_text, held_voice = (read_jsonl(out / SPLIT_FILES[s]) for s in ("train", "heldout_text",
+                                                                               "heldout_voice"))
+    for e in train + held_text + held_voice:
+        assert {"audio", "text", "speaker", "voice", "split"} <= set(e) and (out / e["audio"]).is_file()
+    assert all(not is_heldout(e["text"]) and e["voice"] not in HELDOUT_VOICES for e in train)
+    assert held_text and all(is_heldout(e["text"]) and e["voice"] not in HELDOUT_VOICES for e in held_text)
+    assert held_voice and all(is_heldout(e["text"]) and e["voice"] in HELDOUT_VOICES for e in held_voice)
+    assert {e["sentence"] for e in train if e["source"] == "synthetic"} == {
+        i for i, s in sentences.items() if s["split"] == "train"}
+    if DATA is not None:
+        cathy_test = read_jsonl(out / SPLIT_FILES["cathy_test"])
+        assert cathy_test and all(is_heldout(e["text"]) and e["speaker"] == "cathy" for e in cathy_test)
+        assert {e["speaker"] for e in train} >= {"cathy"}
+        refs = read_jsonl(out / SPLIT_FILES["references"])
+        assert len({e["speaker"] for e in refs}) > 100 and all((out / e["audio"]).is_file() for e in refs)
+
+
+@needs_voices
+@pytest.mark.slow
+def test_train_manifests_are_read_by_gpa_prepare(built: tuple[Path, Summary]) -> None:
+    out, _ = built
+    train = read_jsonl(out / "train.jsonl")
+    records = list(read_manifest(out / TRAIN_TASKS, (Task.ASR, Task.TTS)))
+    assert records and all(isinstance(r, SourceRecord) and r.audio.is_file() for r in records)
+    by_task = {t: [r for r in records if r.tasks == (t,)] for t in Task}
+    assert len(by_task[Task.ASR]) == len(by_task[Task.TTS]) == len(train)
+    speaker_of = {str(out / e["audio"]): e for e in train}
+    for r in by_task[Task.VC]:  # a parallel pair: same sentence, another voice; the reference is another sentence
+        src, tgt, ref = speaker_of[str(r.audio)], speaker_of[str(r.vc_audio)], speaker_of[str(r.ref_audio)]
+        assert src["sentence"] == tgt["sentence"] != ref["sentence"]
+        assert src["speaker"] != tgt["speaker"] == ref["speaker"]
+    assert by_task[Task.VC]
+    listed = list(read_manifest(out / TRAIN_LIST, (Task.ASR, Task.TTS)))
+    assert len(listed) == len(train) and all(isinstance(r, SourceRecord) for r in listed)
+
+
+@needs_voices
+@pytest.mark.slow
+def test_same_config_same_corpus_and_resume(built: tuple[Path, Summary], tmp_path: Path) -> None:
+    out, first = built
+    again = build_corpus(tmp_path, _config())
+    assert (again.synthesised, again.reused) == (first.synthesised, 0)
+    names = sorted(p.relative_to(out).as_posix() for p in (out / "wav").rglob("*.wav"))
+    assert names == sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "wav").rglob("*.wav"))
+    for name in ("sentences.jsonl", *SPLIT_FILES.values(), TRAIN_LIST, TRAIN_TASKS):
+        assert (out / name).read_text() == (tmp_path / name).read_text(), name
+    assert all((out / n).read_bytes() == (tmp_path / n).read_bytes() for n in names)  # the engines are deterministic
+    resumed = build_corpus(out, _config())
+    assert (resumed.synthesised, resumed.reused) == (0, first.synthesised)
+    other_seed = build_corpus(tmp_path / "seed", _config(seed=8, perturbations=(), voices=("flite_slt",)))
+    chosen = [[s["id"] for s in read_jsonl(d / "sentences.jsonl")] for d in (out, tmp_path / "seed")]
+    assert other_seed.synthesised == 4 and chosen[0] != chosen[1]
+
+
+@needs_voices
+@pytest.mark.slow
+def test_cli_resumes_and_reports(built: tuple[Path, Summary], capsys: pytest.CaptureFixture[str]) -> None:
+    out, first = built
+    argv = [str(out), "--sentences", "3", "--heldout-sentences", "1", "--voices", *VOICES, "--perturbations",
+            "p+300", "--sources", "arctic", "fortunes", "--seed", "7", "--no-progress", "--log-level", "ERROR"]
+    if DATA is not None:
+        argv += ["--data-dir", str(DATA)]
+    assert corpus_cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["synthesised"], report["reused"]) == (0, first.synthesised)
+
+
+def test_cli_lists_voices_and_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert corpus_cli.main(["--list-voices"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["name"] for r in rows} == set(REGISTRY) and sum(r["heldout"] for r in rows) == len(HELDOUT_VOICES)
+    assert corpus_cli.main([str(tmp_path), "--voices", "nope"]) == 2
+    assert "unknown voice 'nope'" in capsys.readouterr().err
+    assert corpus_cli.main([str(tmp_path), "--perturbations", "p300"]) == 2
+    assert corpus_cli.main([]) == 2
