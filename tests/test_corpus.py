@@ -259,3 +259,16 @@ def test_cli_lists_voices_and_rejects_bad_input(capsys: pytest.CaptureFixture[st
     assert "unknown voice 'nope'" in capsys.readouterr().err
     assert corpus_cli.main([str(tmp_path), "--perturbations", "p300"]) == 2
     assert corpus_cli.main([]) == 2
+
+
+def test_an_interrupted_build_holds_a_smaller_builds_files() -> None:
+    # Jobs run sentence by sentence, train and held-out interleaved: any prefix of a big build's jobs
+    # contains every job of a build with fewer sentences (same seed), which then synthesises nothing new.
+    from gpa.corpus.build import choose_sentences, plan
+    from gpa.corpus.voices import Speaker
+
+    speakers = [Speaker(REGISTRY[v]) for v in VOICES]
+    big, small = (plan(speakers, choose_sentences(_config(sentences=n, heldout_sentences=None, sources=("fortunes",)),
+                                                  None)) for n in (60, 20))
+    small_rels = {j.rel for j in small}
+    assert small_rels == {j.rel for j in big[: len(small)]} and len(big) > 2 * len(small)

@@ -125,11 +125,19 @@ def speakers_of(cfg: CorpusConfig) -> tuple[list[Speaker], dict[str, str]]:
 
 
 def plan(speakers: list[Speaker], sentences: list[text.Sentence]) -> list[Job]:
-    """Seen speakers x all sentences, held-out speakers x held-out sentences."""
+    """Seen speakers x all sentences, held-out speakers x held-out sentences, sentence by sentence.
+
+    The train and held-out sentences are interleaved in proportion, each in its chosen order, so the files
+    of an interrupted build are all voices of a prefix of both lists, which is what a build with fewer
+    sentences (same seed) chooses: rebuilding with a smaller ``sentences`` gives complete manifests at once.
+    """
+    buckets = {False: [s for s in sentences if not s.heldout], True: [s for s in sentences if s.heldout]}
+    progress = {s.id: i / len(b) for b in buckets.values() for i, s in enumerate(b)}
+    order = sorted(sentences, key=lambda s: progress[s.id])
     jobs = []
-    for sp in speakers:
-        held_voice = sp.voice.name in voices.HELDOUT_VOICES
-        for s in sentences:
+    for s in order:
+        for sp in speakers:
+            held_voice = sp.voice.name in voices.HELDOUT_VOICES
             if held_voice and not s.heldout:
                 continue
             split = "heldout_voice" if held_voice else ("heldout_text" if s.heldout else "train")
