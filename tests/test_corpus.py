@@ -13,7 +13,7 @@ import soundfile as sf
 from gpa.config import Task
 from gpa.corpus import CorpusConfig, Summary, build_corpus, is_heldout, real, sentence_id, split_key, text
 from gpa.corpus import cli as corpus_cli
-from gpa.corpus.manifests import SPLIT_FILES, TRAIN_LIST, TRAIN_TASKS, read_jsonl
+from gpa.corpus.manifests import SPLIT_FILES, TRAIN_LIST, TRAIN_TASKS, UTTERANCES, read_jsonl
 from gpa.corpus.voices import HELDOUT_VOICES, REGISTRY, Perturbation, missing_requirement, resolve
 from gpa.train.manifest import SourceRecord, read_manifest
 
@@ -139,8 +139,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Summary]:
 def test_build_writes_16k_mono_speech(built: tuple[Path, Summary]) -> None:
     out, summary = built
     assert summary.failed == [] and summary.synthesised == 2 * (2 * 4 + 1)  # (plain + p+300) x (2 voices x 4 + 1)
-    entries = [e for f in ("train", "heldout_text", "heldout_voice") for e in read_jsonl(out / SPLIT_FILES[f])
-               if e["source"] == "synthetic"]
+    entries = [e for e in read_jsonl(out / UTTERANCES) if e["source"] == "synthetic"]
     assert len(entries) == summary.synthesised
     for e in entries:
         info = sf.info(str(out / e["audio"]))
@@ -155,8 +154,8 @@ def test_build_writes_16k_mono_speech(built: tuple[Path, Summary]) -> None:
 @pytest.mark.slow
 def test_pitch_perturbation_shifts_pitch_not_length(built: tuple[Path, Summary]) -> None:
     out, _ = built
-    for e in read_jsonl(out / "train.jsonl"):
-        if e["speaker"] == "rhvoice_bdl":
+    for e in read_jsonl(out / UTTERANCES):
+        if e["speaker"] == "rhvoice_bdl" and e["split"] == "train":
             plain, _ = sf.read(str(out / e["audio"]))
             shifted, _ = sf.read(str(out / e["audio"].replace("rhvoice_bdl", "rhvoice_bdl_p+300")))
             assert abs(len(plain) - len(shifted)) < 0.02 * len(plain)
@@ -184,28 +183,48 @@ def _median_f0(x: np.ndarray, sr: int = 16000) -> float:
 def test_manifests_keep_heldout_sentences_and_voices_out_of_train(built: tuple[Path, Summary]) -> None:
     out, _ = built
     sentences = {s["id"]: s for s in read_jsonl(out / "sentences.jsonl")}
-    train, held_text, held_voice = (read_jsonl(out / SPLIT_FILES[s]) for s in ("train", "heldout_text",
-                                                                               "heldout_voice"))
-    for e in train + held_text + held_voice:
-        assert {"audio", "text", "speaker", "voice", "split"} <= set(e) and (out / e["audio"]).is_file()
+    utts = read_jsonl(out / UTTERANCES)
+    synthetic = {split: [e for e in utts if e["source"] == "synthetic" and e["split"] == split]
+                 for split in ("train", "heldout_text", "heldout_voice")}
+    train = [e for e in utts if e["split"] == "train"]
     assert all(not is_heldout(e["text"]) and e["voice"] not in HELDOUT_VOICES for e in train)
-    assert held_text and all(is_heldout(e["text"]) and e["voice"] not in HELDOUT_VOICES for e in held_text)
-    assert held_voice and all(is_heldout(e["text"]) and e["voice"] in HELDOUT_VOICES for e in held_voice)
-    assert {e["sentence"] for e in train if e["source"] == "synthetic"} == {
-        i for i, s in sentences.items() if s["split"] == "train"}
+    assert synthetic["heldout_text"] and all(is_heldout(e["text"]) and e["voice"] not in HELDOUT_VOICES
+                                             for e in synthetic["heldout_text"])
+    assert synthetic["heldout_voice"] and all(is_heldout(e["text"]) and e["voice"] in HELDOUT_VOICES
+                                              for e in synthetic["heldout_voice"])
+    assert {e["sentence"] for e in synthetic["train"]} == {i for i, s in sentences.items() if s["split"] == "train"}
+    real_utts = [e for e in utts if e["source"] == "real"]
+    groups = {"train": train, "heldout_text": synthetic["heldout_text"], "heldout_voice": synthetic["heldout_voice"],
+              "cathy_test": [e for e in real_utts if e["split"] == "heldout_text"],
+              "references": [e for e in real_utts if e["split"] == "reference"]}
+    for name, entries in groups.items():  # each split file is its utterances in the eval harness's schema
+        rows = read_jsonl(out / SPLIT_FILES[name])
+        assert rows == [{"audio": e["audio"], **({"text": e["text"]} if e["text"] else {}), "speaker": e["speaker"]}
+                        for e in entries], name
+        assert all((out / r["audio"]).is_file() for r in rows)
     if DATA is not None:
-        cathy_test = read_jsonl(out / SPLIT_FILES["cathy_test"])
-        assert cathy_test and all(is_heldout(e["text"]) and e["speaker"] == "cathy" for e in cathy_test)
+        assert groups["cathy_test"] and all(is_heldout(e["text"]) and e["speaker"] == "cathy"
+                                            for e in groups["cathy_test"])
         assert {e["speaker"] for e in train} >= {"cathy"}
-        refs = read_jsonl(out / SPLIT_FILES["references"])
-        assert len({e["speaker"] for e in refs}) > 100 and all((out / e["audio"]).is_file() for e in refs)
+        assert len({e["speaker"] for e in groups["references"]}) > 100
+
+
+@needs_voices
+@pytest.mark.slow
+def test_split_manifests_load_in_the_eval_harness(built: tuple[Path, Summary]) -> None:
+    evaluation = pytest.importorskip("gpa.evaluation.manifest", reason="the eval harness (gpa.evaluation) is absent")
+    out, _ = built
+    for name in SPLIT_FILES.values():
+        if (out / name).read_text().strip():
+            test_set = evaluation.load_manifest(out / name)
+            assert all(item.audio.is_file() for item in test_set.items)
 
 
 @needs_voices
 @pytest.mark.slow
 def test_train_manifests_are_read_by_gpa_prepare(built: tuple[Path, Summary]) -> None:
     out, _ = built
-    train = read_jsonl(out / "train.jsonl")
+    train = [e for e in read_jsonl(out / UTTERANCES) if e["split"] == "train"]
     records = list(read_manifest(out / TRAIN_TASKS, (Task.ASR, Task.TTS)))
     assert records and all(isinstance(r, SourceRecord) and r.audio.is_file() for r in records)
     by_task = {t: [r for r in records if r.tasks == (t,)] for t in Task}
@@ -228,7 +247,7 @@ def test_same_config_same_corpus_and_resume(built: tuple[Path, Summary], tmp_pat
     assert (again.synthesised, again.reused) == (first.synthesised, 0)
     names = sorted(p.relative_to(out).as_posix() for p in (out / "wav").rglob("*.wav"))
     assert names == sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "wav").rglob("*.wav"))
-    for name in ("sentences.jsonl", *SPLIT_FILES.values(), TRAIN_LIST, TRAIN_TASKS):
+    for name in ("sentences.jsonl", *SPLIT_FILES.values(), TRAIN_LIST, TRAIN_TASKS, UTTERANCES):
         assert (out / name).read_text() == (tmp_path / name).read_text(), name
     assert all((out / n).read_bytes() == (tmp_path / n).read_bytes() for n in names)  # the engines are deterministic
     resumed = build_corpus(out, _config())

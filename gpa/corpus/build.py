@@ -5,7 +5,8 @@ Layout of ``out_dir``::
     wav/<speaker>/<sentence id>.wav   16 kHz mono PCM16, one per (speaker, sentence)
     real -> <data dir>                 a link to the real recordings (cathy, LibriSpeech excerpts)
     sentences.jsonl                    the chosen sentences: id, text, source, split
-    train.jsonl heldout_text.jsonl heldout_voice.jsonl cathy_test.jsonl references.jsonl
+    train.jsonl heldout_text.jsonl heldout_voice.jsonl cathy_test.jsonl references.jsonl  {audio, text, speaker}
+    utterances.jsonl                   every utterance: audio, text, speaker, voice, split, sentence, source, duration
     train.list train_gpa.jsonl         the train split for gpa prepare (audio|text list, task records)
     summary.json                       config, voices, counts, hours, failures
 
@@ -249,7 +250,8 @@ def build_corpus(out_dir: str | Path, config: CorpusConfig = CorpusConfig(), pro
         {k: len(groups.get(k, [])) for k in manifests.SPLITS},
         {k: round(sum(e.duration for e in groups.get(k, [])) / 3600, 4) for k in manifests.SPLITS},
         new, reused, failed, round(time.perf_counter() - start, 2),
-        {**names, "list": manifests.TRAIN_LIST, "tasks": manifests.TRAIN_TASKS, "sentences": "sentences.jsonl"})
+        {**names, "list": manifests.TRAIN_LIST, "tasks": manifests.TRAIN_TASKS, "sentences": "sentences.jsonl",
+         "utterances": manifests.UTTERANCES})
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
     logger.info("corpus %s: %d new, %d reused, %d failed utterances in %.1f s", out, new, reused, len(failed),
                 summary.seconds)

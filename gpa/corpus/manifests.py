@@ -1,8 +1,9 @@
 """Manifest files of a corpus: one JSONL per split, an ``audio|text`` list and a task manifest for ``gpa prepare``.
 
-A split manifest line is ``{"audio", "text", "speaker", "voice", "split", "sentence", "source", "duration"}``
-with ``audio`` relative to the manifest's folder (what the eval harness reads: ``audio``, ``text``,
-``speaker``). ``train_gpa.jsonl`` holds the authors' task records (``stt``, ``tts-a``, ``vc``) built from the
+A split manifest line is exactly what the eval harness reads, ``{"audio", "text", "speaker"}`` (no ``text``
+for recordings without a transcript), with ``audio`` relative to the manifest's folder. ``utterances.jsonl``
+has every utterance with all its fields: ``audio, text, speaker, voice, split, sentence, source, duration``.
+``train_gpa.jsonl`` holds the authors' task records (``stt``, ``tts-a``, ``vc``) built from the
 parallel train utterances, which :func:`gpa.train.manifest.read_manifest` reads.
 """
 
@@ -21,6 +22,7 @@ SPLITS = ("train", "heldout_text", "heldout_voice", "cathy_test", "references")
 SPLIT_FILES = {s: f"{s}.jsonl" for s in SPLITS}
 TRAIN_LIST = "train.list"  # "audio|text" lines (gpa prepare's plain list format)
 TRAIN_TASKS = "train_gpa.jsonl"  # the authors' task format (gpa prepare's jsonl format)
+UTTERANCES = "utterances.jsonl"  # every utterance with all Entry fields
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,14 @@ class Entry:
     identity: str = ""  # who it sounds like: the recorded person plus any perturbation (not written)
 
     def to_json(self) -> dict[str, Any]:
+        """All fields but ``identity`` (a line of utterances.jsonl)."""
         d = asdict(self)
         d.pop("identity")
         return d
+
+    def to_eval(self) -> dict[str, Any]:
+        """The eval harness's fields: audio, text (when there is one), speaker."""
+        return {"audio": self.audio, **({"text": self.text} if self.text else {}), "speaker": self.speaker}
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
@@ -58,9 +65,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def write_splits(out: Path, by_split: dict[str, list[Entry]]) -> dict[str, str]:
-    """One manifest per split (empty splits still get an empty file); returns {split: file name}."""
+    """One manifest per split (empty splits still get an empty file) and utterances.jsonl; returns {split: file}."""
     for split in SPLITS:
-        write_jsonl(out / SPLIT_FILES[split], (e.to_json() for e in by_split.get(split, [])))
+        write_jsonl(out / SPLIT_FILES[split], (e.to_eval() for e in by_split.get(split, [])))
+    write_jsonl(out / UTTERANCES, (e.to_json() for split in SPLITS for e in by_split.get(split, [])))
     train = by_split.get("train", [])
     partial = out / f".{TRAIN_LIST}.partial"
     partial.write_text("".join(f"{e.audio}|{e.text}\n" for e in train if e.text), encoding="utf-8")
