@@ -228,6 +228,8 @@ def build_corpus(out_dir: str | Path, config: CorpusConfig = CorpusConfig(), pro
     manifests.write_jsonl(out / "sentences.jsonl", ({"id": s.id, "text": s.text, "source": s.source,
                                                      "split": "heldout" if s.heldout else "train"}
                                                     for s in sentences))
+    for stale in (out / WAV_DIR).glob("*/.*.partial"):  # left by a killed run
+        stale.unlink()
     entries, new, reused, failed = synthesise_all(plan(speakers, sentences), out, config.workers, progress)
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
