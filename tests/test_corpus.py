@@ -14,11 +14,12 @@ from gpa.config import Task
 from gpa.corpus import CorpusConfig, Summary, build_corpus, is_heldout, real, sentence_id, split_key, text
 from gpa.corpus import cli as corpus_cli
 from gpa.corpus.manifests import SPLIT_FILES, TRAIN_LIST, TRAIN_TASKS, UTTERANCES, read_jsonl
-from gpa.corpus.voices import HELDOUT_VOICES, REGISTRY, Perturbation, missing_requirement, resolve
+from gpa.corpus.synth import synthesize
+from gpa.corpus.voices import HELDOUT_VOICES, REGISTRY, Perturbation, Speaker, missing_requirement, resolve
 from gpa.train.manifest import SourceRecord, read_manifest
 
 DATA = real.default_data_dir()
-VOICES = ("rhvoice_bdl", "flite_slt", "flite_rms")  # two seen voices (RHVoice, flite) and one held-out voice
+VOICES = ("rhvoice_bdl", "festival_kal", "flite_rms")  # seen: RHVoice, festival (batched); held out: flite
 MISSING = {v: missing_requirement(REGISTRY[v]) for v in VOICES}
 needs_voices = pytest.mark.skipif(any(MISSING.values()),
                                   reason=f"TTS voices missing (bash .ci/install-voices installs them): {MISSING}")
@@ -253,6 +254,9 @@ def test_same_config_same_corpus_and_resume(built: tuple[Path, Summary], tmp_pat
     resumed = build_corpus(out, _config())
     assert (resumed.synthesised, resumed.reused) == (0, first.synthesised)
     other_seed = build_corpus(tmp_path / "seed", _config(seed=8, perturbations=(), voices=("flite_slt",)))
+    one = next(e for e in read_jsonl(out / UTTERANCES) if e["speaker"] == "festival_kal")
+    synthesize(Speaker(REGISTRY["festival_kal"]), one["text"], tmp_path / "alone.wav")  # not in a batch
+    assert (tmp_path / "alone.wav").read_bytes() == (out / one["audio"]).read_bytes()
     chosen = [[s["id"] for s in read_jsonl(d / "sentences.jsonl")] for d in (out, tmp_path / "seed")]
     assert other_seed.synthesised == 4 and chosen[0] != chosen[1]
 
@@ -281,13 +285,14 @@ def test_cli_lists_voices_and_rejects_bad_input(capsys: pytest.CaptureFixture[st
 
 
 def test_an_interrupted_build_holds_a_smaller_builds_files() -> None:
-    # Jobs run sentence by sentence, train and held-out interleaved: any prefix of a big build's jobs
-    # contains every job of a build with fewer sentences (same seed), which then synthesises nothing new.
-    from gpa.corpus.build import choose_sentences, plan
-    from gpa.corpus.voices import Speaker
+    # Jobs run in chunks of sentences, train and held-out interleaved: a prefix of a big build's jobs, up to
+    # one chunk longer, holds every job of a build with fewer sentences (same seed), which then synthesises
+    # nothing new.
+    from gpa.corpus.build import BATCH_SENTENCES, choose_sentences, plan
 
     speakers = [Speaker(REGISTRY[v]) for v in VOICES]
-    big, small = (plan(speakers, choose_sentences(_config(sentences=n, heldout_sentences=None, sources=("fortunes",)),
-                                                  None)) for n in (60, 20))
-    small_rels = {j.rel for j in small}
-    assert small_rels == {j.rel for j in big[: len(small)]} and len(big) > 2 * len(small)
+    big, small = ([j for batch in plan(speakers, choose_sentences(
+        _config(sentences=n, heldout_sentences=None, sources=("fortunes",)), None)) for j in batch] for n in (100, 40))
+    assert len(big) > 2 * len(small) and len({j.rel for j in big}) == len(big)
+    last = max(i for i, j in enumerate(big) if j.rel in {s.rel for s in small})
+    assert last < len(small) + BATCH_SENTENCES * len(speakers)

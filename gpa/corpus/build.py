@@ -32,12 +32,13 @@ from tqdm import tqdm
 
 from gpa.corpus import manifests, real, text, voices
 from gpa.corpus.manifests import Entry
-from gpa.corpus.synth import SynthesisError, synthesize
+from gpa.corpus.synth import SynthesisError, synthesize_many
 from gpa.corpus.voices import Perturbation, Speaker
 
 logger = logging.getLogger(__name__)
 
 WAV_DIR = "wav"
+BATCH_SENTENCES = 16  # sentences per batch: one festival process speaks them all
 REAL_LINK = "real"
 
 
@@ -125,56 +126,68 @@ def speakers_of(cfg: CorpusConfig) -> tuple[list[Speaker], dict[str, str]]:
     return [Speaker(v, p) for v in ok for p in (None, *perturbations)], missing
 
 
-def plan(speakers: list[Speaker], sentences: list[text.Sentence]) -> list[Job]:
-    """Seen speakers x all sentences, held-out speakers x held-out sentences, sentence by sentence.
+def plan(speakers: list[Speaker], sentences: list[text.Sentence]) -> list[list[Job]]:
+    """Batches of jobs: seen speakers x all sentences, held-out speakers x held-out sentences.
 
-    The train and held-out sentences are interleaved in proportion, each in its chosen order, so the files
-    of an interrupted build are all voices of a prefix of both lists, which is what a build with fewer
-    sentences (same seed) chooses: rebuilding with a smaller ``sentences`` gives complete manifests at once.
+    Sentences go in chunks of BATCH_SENTENCES, train and held-out ones interleaved in proportion, each in
+    its chosen order; a batch is one speaker's jobs of one chunk (one festival process). So the files of an
+    interrupted build are all voices of a prefix of both lists, which is what a build with fewer sentences
+    (same seed) chooses: rebuilding with a smaller ``sentences`` gives complete manifests at once.
     """
     buckets = {False: [s for s in sentences if not s.heldout], True: [s for s in sentences if s.heldout]}
     progress = {s.id: i / len(b) for b in buckets.values() for i, s in enumerate(b)}
     order = sorted(sentences, key=lambda s: progress[s.id])
-    jobs = []
-    for s in order:
+    batches = []
+    for start in range(0, len(order), BATCH_SENTENCES):
         for sp in speakers:
             held_voice = sp.voice.name in voices.HELDOUT_VOICES
-            if held_voice and not s.heldout:
-                continue
-            split = "heldout_voice" if held_voice else ("heldout_text" if s.heldout else "train")
-            jobs.append(Job(sp, s, split, f"{WAV_DIR}/{sp.name}/{s.id}.wav"))
-    return jobs
+            batch = [Job(sp, s, "heldout_voice" if held_voice else ("heldout_text" if s.heldout else "train"),
+                         f"{WAV_DIR}/{sp.name}/{s.id}.wav")
+                     for s in order[start : start + BATCH_SENTENCES] if s.heldout or not held_voice]
+            if batch:
+                batches.append(batch)
+    return batches
 
 
-def _run_job(job: Job, out: Path) -> tuple[Job, float | None, bool, str | None]:
-    """(job, duration in seconds or None, whether an existing file was reused, error or None)."""
-    path = out / job.rel
-    if path.is_file():
-        return job, sf.info(str(path)).duration, True, None
-    try:
-        return job, synthesize(job.speaker, job.sentence.text, path), False, None
-    except SynthesisError as e:
-        return job, None, False, str(e)
+Result = tuple[Job, float | None, bool, str | None]  # job, duration (None: failed), reused, error
 
 
-def synthesise_all(jobs: list[Job], out: Path, workers: int, progress: bool) -> tuple[list[Entry], int, int,
-                                                                                     list[dict[str, str]]]:
-    """Run ``jobs`` on ``workers`` threads (each drives one engine process); returns entries, new, reused, failed."""
+def _run_batch(batch: list[Job], out: Path) -> list[Result]:
+    """Reuse the files that exist, synthesise the others in one engine call where the engine allows it."""
+    done: dict[str, Result] = {}
+    todo = []
+    for job in batch:
+        path = out / job.rel
+        if path.is_file():
+            done[job.rel] = (job, sf.info(str(path)).duration, True, None)
+        else:
+            todo.append(job)
+    if todo:
+        results = synthesize_many(todo[0].speaker, [(j.sentence.text, out / j.rel) for j in todo])
+        for job, r in zip(todo, results, strict=True):
+            done[job.rel] = (job, None, False, str(r)) if isinstance(r, SynthesisError) else (job, r, False, None)
+    return [done[j.rel] for j in batch]
+
+
+def synthesise_all(batches: list[list[Job]], out: Path, workers: int, progress: bool) -> tuple[
+        list[Entry], int, int, list[dict[str, str]]]:
+    """Run ``batches`` on ``workers`` threads (each drives one engine process); returns entries, new, reused, failed."""
     entries, new, reused, failed = [], 0, 0, []
     # Threads suffice: the work is in the engine and sox subprocesses, which run on all cores.
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(jobs), disable=not progress,
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=sum(map(len, batches)), disable=not progress,
                                                                unit="utt", desc="synthesise") as bar:
-        for job, duration, was_there, error in pool.map(lambda j: _run_job(j, out), jobs):
-            bar.update(1)
-            if duration is None:
-                logger.warning("failed %s %s: %s", job.speaker.name, job.sentence.id, error)
-                failed.append({"speaker": job.speaker.name, "sentence": job.sentence.id, "error": str(error)})
-                continue
-            reused, new = (reused + 1, new) if was_there else (reused, new + 1)
-            identity = job.speaker.voice.person + (job.speaker.perturbation.suffix if job.speaker.perturbation
-                                                   else "")
-            entries.append(Entry(job.rel, job.sentence.text, job.speaker.name, job.speaker.voice.name, job.split,
-                                 job.sentence.id, "synthetic", round(duration, 3), identity))
+        for results in pool.map(lambda b: _run_batch(b, out), batches):
+            bar.update(len(results))
+            for job, duration, was_there, error in results:
+                if duration is None:
+                    logger.warning("failed %s %s: %s", job.speaker.name, job.sentence.id, error)
+                    failed.append({"speaker": job.speaker.name, "sentence": job.sentence.id, "error": str(error)})
+                    continue
+                reused, new = (reused + 1, new) if was_there else (reused, new + 1)
+                p = job.speaker.perturbation
+                entries.append(Entry(job.rel, job.sentence.text, job.speaker.name, job.speaker.voice.name, job.split,
+                                     job.sentence.id, "synthetic", round(duration, 3),
+                                     job.speaker.voice.person + (p.suffix if p else "")))
     return entries, new, reused, failed
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 ENGINES = ("espeak", "flite", "festival", "pico", "rhvoice")
-BINARIES = {"espeak": "espeak-ng", "flite": "flite", "festival": "text2wave", "pico": "pico2wave",
+BINARIES = {"espeak": "espeak-ng", "flite": "flite", "festival": "festival", "pico": "pico2wave",
             "rhvoice": "RHVoice-test"}
 PACKAGES = {"espeak": "espeak-ng", "flite": "flite", "festival": "festival + festvox-*", "pico": "libttspico-utils",
             "rhvoice": "rhvoice rhvoice-english", "mbrola": "mbrola mbrola-<voice>"}
