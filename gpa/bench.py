@@ -14,7 +14,7 @@ import logging
 import resource
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from gpa.api import GPA, Voice
 from gpa.config import Task
 from gpa.engine import AudioChunk, Engine, EngineConfig, EngineRequest, StreamConfig, TextDelta
+from gpa.engine.backend import VLLMOptions
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class BenchConfig:
     first_chunk: int = 10  # frames in the first audio chunk
     baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    backend: str = "torch"  # what generates the tokens: "torch" (gpa's decode loop) or "vllm"
+    vllm: VLLMOptions | None = None  # backend "vllm": how to start it (dtype "auto" takes `dtype` above)
 
 
 def _speechlike(seconds: float, seed: int = 0) -> np.ndarray:
@@ -160,7 +163,11 @@ def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict],
     """The rounds, with the decode loop on this (main) thread and the clients on an asyncio thread."""
     stream = StreamConfig(first_chunk=cfg.first_chunk, lookahead=cfg.lookahead)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
-    engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream))
+    vllm = cfg.vllm
+    if vllm is not None and vllm.dtype == "auto":
+        vllm = replace(vllm, dtype=cfg.dtype)
+    engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
+                                        backend=cfg.backend, vllm=vllm))
     result: dict[str, Any] = {}
 
     async def clients() -> None:
@@ -202,9 +209,13 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "decode_bound_tokens_per_s": bound,
         "memory_bandwidth_gbs": bandwidth,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,  # vLLM's processes
+        "backend": cfg.backend,
         "tts": tts,
         "asr": asr,
         "transformers_baseline": baseline,
-        "config": {**asdict(cfg), "model": str(cfg.model), "threads_used": torch.get_num_threads()},
+        "config": {**asdict(cfg), "model": str(cfg.model), "threads_used": torch.get_num_threads(),
+                   "vllm": None if cfg.vllm is None else {**asdict(cfg.vllm), "model": str(cfg.vllm.model),
+                                                          "args": dict(cfg.vllm.args)}},
     }
     return report

