@@ -296,3 +296,15 @@ def test_an_interrupted_build_holds_a_smaller_builds_files() -> None:
     assert len(big) > 2 * len(small) and len({j.rel for j in big}) == len(big)
     last = max(i for i, j in enumerate(big) if j.rel in {s.rel for s in small})
     assert last < len(small) + BATCH_SENTENCES * len(speakers)
+
+
+def test_voices_without_their_engine_are_skipped_with_the_reason(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    from gpa.corpus.voices import available
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no engine binaries on it
+    ok, missing = available(resolve(("flite_slt", "festival_kal")))
+    assert ok == [] and missing == {"flite_slt": "flite not found (Debian package flite)",
+                                    "festival_kal": "festival not found (Debian package festival + festvox-*)"}
+    with pytest.raises(ValueError, match="none of the voices .* can run here"):
+        build_corpus(tmp_path / "c", _config(voices=("flite_slt",), sources=("fortunes",), real=False))

@@ -237,7 +237,8 @@ def build_corpus(out_dir: str | Path, config: CorpusConfig = CorpusConfig(), pro
     sentences = choose_sentences(config, data_dir)
     speakers, missing = speakers_of(config)
     if not speakers:
-        raise RuntimeError(f"none of the voices {list(config.voices)} can run here: {missing}")
+        raise ValueError(f"none of the voices {list(config.voices)} can run here: {missing}; "
+                         "bash .ci/install-voices installs them")
     manifests.write_jsonl(out / "sentences.jsonl", ({"id": s.id, "text": s.text, "source": s.source,
                                                      "split": "heldout" if s.heldout else "train"}
                                                     for s in sentences))

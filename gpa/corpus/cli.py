@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"gpa: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
 
