@@ -112,12 +112,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, D); mask (B, 1, T, T) bool, True = may attend, or None for causal attention."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
+        """x (B, T, D); mask (B, 1, T, T) bool, True = may attend; None: causal, or full if not ``causal``."""
         b, t, d = x.shape
         q, k, v = (p(x).view(b, t, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj,
                                                                             self.v_proj))  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal)  # (B, H, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -125,6 +125,7 @@ class EncoderLayer(nn.Module):
     """Pre-LN Whisper encoder block."""
 
     def __init__(self, config: GLMConfig) -> None:
+        """``config`` needs only ``d_model``, ``n_heads`` and ``ffn_dim`` (a Whisper encoder config works too)."""
         super().__init__()
         self.self_attn = Attention(config.d_model, config.n_heads)
         self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
@@ -132,8 +133,9 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
+        """x (B, T, D); ``mask``/``causal`` as in :class:`Attention`."""
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, causal)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
