@@ -27,6 +27,7 @@ from torch import nn
 
 from gpa.codecs.bicodec_layers import Encoder, FactorizedVQ, Prenet, WaveGenerator
 from gpa.codecs.bicodec_speaker import SpeakerEncoder
+from gpa.codecs.bicodec_stream import IncrementalDecoder
 from gpa.codecs.mel import slaney_filterbank
 from gpa.codecs.wav2vec2 import Wav2Vec2, normalize_input
 from gpa.weights import CheckpointError, fold_weight_norm, load_strict, read_safetensors
@@ -378,15 +379,37 @@ class BiCodec(nn.Module):
         Returns:
             (B, hop_length * T) float32 samples at 16 kHz in [-1, 1].
         """
-        semantic, global_codes = self._check_codes(semantic, global_codes)
-        cond = self.speaker_encoder.detokenize(global_codes)  # (B, out_dim)
-        x = self.prenet(self.quantizer.detokenize(semantic), cond)  # (B, C, T)
+        semantic, global_codes = self.check_codes(semantic, global_codes)
+        cond = self.decode_condition(global_codes)  # (B, out_dim)
+        x = self.prenet(self.decode_latents(semantic), cond)  # (B, C, T)
         wav = self.decoder(x + cond[:, :, None])  # (B, 1, hop * T)
         return wav[:, 0].float()
 
-    def _check_codes(
+    def incremental_decoder(self, global_codes: torch.Tensor) -> IncrementalDecoder:
+        """A decoder state for one stream of semantic codes with these global codes.
+
+        Push codes as they come and get the waveform samples that are final; the concatenated
+        output equals :meth:`decode` of all the codes. See :mod:`gpa.codecs.bicodec_stream`.
+
+        Args:
+            global_codes: (B, num_global_tokens) integer codes in [0, global_codebook_size).
+        """
+        return IncrementalDecoder(self, global_codes)
+
+    @torch.inference_mode()
+    def decode_condition(self, global_codes: torch.Tensor) -> torch.Tensor:
+        """The speaker condition of the decoder: checked global codes (B, G) -> (B, out_dim)."""
+        return self.speaker_encoder.detokenize(global_codes)
+
+    @torch.inference_mode()
+    def decode_latents(self, semantic: torch.Tensor) -> torch.Tensor:
+        """Codebook lookup of the decoder: checked semantic codes (B, T) -> (B, C, T)."""
+        return self.quantizer.detokenize(semantic)
+
+    def check_codes(
         self, semantic: torch.Tensor, global_codes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate codes for :meth:`decode`: shapes (B, T) and (B, G), integers in range; as int64."""
         semantic, global_codes = torch.as_tensor(semantic), torch.as_tensor(global_codes)
         if semantic.dim() != 2 or global_codes.shape != (semantic.shape[0], self.num_global_tokens):
             raise ValueError(f"expected semantic (B, T) and global (B, {self.num_global_tokens}) codes, "

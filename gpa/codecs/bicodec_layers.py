@@ -33,7 +33,8 @@ def _norm(dim: int, condition_dim: int | None) -> nn.Module:
     return AdaLayerNorm(condition_dim, dim) if condition_dim else nn.LayerNorm(dim, eps=LN_EPS)
 
 
-def _apply_norm(norm: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+def apply_norm(norm: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """Apply a LayerNorm or an AdaLayerNorm (with ``cond``) to x: (B, T, C)."""
     return norm(x, cond) if isinstance(norm, AdaLayerNorm) else norm(x)
 
 
@@ -50,9 +51,13 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, T) -> (B, C, T)."""
-        y = self.dwconv(x).transpose(1, 2)  # (B, T, C)
-        y = self.pwconv2(F.gelu(self.pwconv1(_apply_norm(self.norm, y, cond))))
-        return x + (self.gamma * y).transpose(1, 2)
+        return x + self.branch(self.dwconv(x), cond)
+
+    def branch(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-frame rest of the residual branch: dwconv output (B, C, T) -> (B, C, T)."""
+        y = y.transpose(1, 2)  # (B, T, C)
+        y = self.pwconv2(F.gelu(self.pwconv1(apply_norm(self.norm, y, cond))))
+        return (self.gamma * y).transpose(1, 2)
 
 
 class VocosBackbone(nn.Module):
@@ -70,7 +75,7 @@ class VocosBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(x).transpose(1, 2)  # (B, T, C)
-        x = _apply_norm(self.norm, x, cond).transpose(1, 2)  # (B, C, T)
+        x = apply_norm(self.norm, x, cond).transpose(1, 2)  # (B, C, T)
         for block in self.convnext:
             x = block(x, cond)
         return self.final_layer_norm(x.transpose(1, 2))  # (B, T, C)

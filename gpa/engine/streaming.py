@@ -1,10 +1,16 @@
 """Incremental detokenization: semantic codes -> PCM chunks, and text ids -> text deltas.
 
-BiCodec's decoder is non-causal: the samples of frame t depend on frames t-R .. t+R. A chunk is
-therefore decoded from a window holding ``left`` frames of context before it and ``lookahead``
-frames after it, and only its own samples are kept. With both at least R the stream equals the
-offline decode up to float rounding (no duplicated or missing samples, no crossfades); smaller
-values trade exactness for latency. The first chunk can be shorter, for a short time to first audio.
+Audio is decoded by one :class:`~gpa.codecs.bicodec_stream.IncrementalDecoder` per stream: each
+code is decoded once, every layer keeping the left context it still needs, and a sample is final
+once the decoder's right context (its ``lookahead``, 67 frames = 1.34 s with the official BiCodec)
+has arrived. The stream then equals the offline decode up to float rounding (no duplicated or
+missing samples, no crossfades). A smaller ``lookahead`` emits a chunk before that: its last samples
+are decoded as if the codes ended there (the offline decode's zero padding), which trades exactness
+for latency at the cost of re-decoding only that unfinished tail.
+
+The previous method, re-decoding every chunk inside a window of ``left`` and ``lookahead`` frames of
+context, stays available by setting ``StreamConfig.left`` (it costs about (chunk + left + lookahead)
+/ chunk times the work).
 """
 
 from __future__ import annotations
@@ -22,12 +28,12 @@ from gpa.vocab import Vocab
 class StreamConfig:
     """How audio is cut into chunks (all sizes in semantic frames of 20 ms)."""
 
-    first_chunk: int = 10  # frames in the first chunk (short, for the time to first audio)
-    chunk: int = 100  # the largest chunk: chunks double from first_chunk up to this
-    # Every chunk re-decodes its context (about 2 x 61 frames at the official size), so small
-    # chunks multiply the vocoder's work; doubling keeps the start quick and the steady state cheap.
-    left: int | None = None  # context before a chunk; None: the decoder's receptive field (exact)
-    lookahead: int | None = None  # context after a chunk; None: the receptive field (exact)
+    first_chunk: int = 5  # frames in the first chunk (short, for the time to first audio)
+    chunk: int = 10  # the largest chunk: chunks double from first_chunk up to this
+    # Decoding is incremental, so chunk sizes barely change the vocoder's work; steady small chunks
+    # keep playback smooth when generation is only a little faster than real time.
+    lookahead: int | None = None  # codes after a chunk before it is emitted; None: exact (the decoder's lookahead)
+    left: int | None = None  # set: the old method, re-decoding each chunk with this much left context
 
     def __post_init__(self) -> None:
         if self.first_chunk < 1 or self.chunk < 1:
@@ -40,7 +46,12 @@ class StreamConfig:
 
 @torch.inference_mode()
 def receptive_field(codec: BiCodec, bound: int = 128) -> int:
-    """Frames on each side that influence a frame's samples, measured by perturbing one input frame."""
+    """Frames on each side that measurably influence a frame's samples (found by perturbing one frame).
+
+    Influence that rounds away in float32 is not seen: with random weights this is a few frames less
+    than the structural reach (``codec.incremental_decoder(...).lookahead``), 61 vs 67 frames at the
+    official size.
+    """
     n = 2 * bound + 1
     glob = torch.zeros(1, codec.num_global_tokens, dtype=torch.long)
     base = torch.zeros(1, n, dtype=torch.long)
@@ -55,17 +66,37 @@ def receptive_field(codec: BiCodec, bound: int = 128) -> int:
 
 
 class AudioStreamer:
-    """Turns a growing list of semantic codes into consecutive waveform chunks."""
+    """Turns a growing list of semantic codes into consecutive waveform chunks.
 
-    def __init__(self, codec: BiCodec, global_codes: torch.Tensor, config: StreamConfig, field: int) -> None:
+    Args:
+        codec: the BiCodec that decodes.
+        global_codes: (num_global_tokens,) or (1, num_global_tokens) speaker codes.
+        config: chunk sizes and context.
+        field: context for the re-decode method (``config.left`` set) where ``config.left`` or
+            ``config.lookahead`` is None; measured with :func:`receptive_field` if not given.
+    """
+
+    def __init__(self, codec: BiCodec, global_codes: torch.Tensor, config: StreamConfig,
+                 field: int | None = None) -> None:
         self.codec = codec
         self.global_codes = torch.as_tensor(global_codes).reshape(1, -1)
         self.config = config
-        self.left = field if config.left is None else config.left
-        self.lookahead = field if config.lookahead is None else config.lookahead
         self.codes: list[int] = []
         self.emitted = 0  # frames already turned into samples
         self.chunks = 0  # chunks emitted
+        self.decoder = None if config.left is not None else codec.incremental_decoder(self.global_codes)
+        if self.decoder is not None:
+            self.left = 0  # never re-decoded: the decoder keeps its own left context
+            self.lookahead = self.decoder.lookahead if config.lookahead is None else config.lookahead
+            self.exact = self.lookahead >= self.decoder.lookahead  # else chunk tails are approximate
+            self.fed = 0  # codes given to the decoder
+            self.done = 0  # samples the decoder has made final (some may already be out, if not exact)
+            self.held: list[torch.Tensor] = [torch.zeros(0)]  # final samples not yet out, from self.emitted
+        else:
+            if config.lookahead is None or field is None:
+                field = receptive_field(codec) if field is None else field
+            self.left = config.left
+            self.lookahead = field if config.lookahead is None else config.lookahead
 
     def _next_size(self) -> int:
         size = self.config.first_chunk * 2**self.chunks
@@ -77,21 +108,56 @@ class AudioStreamer:
         chunks = []
         while len(self.codes) >= self.emitted + self._next_size() + self.lookahead:
             chunks.append(self._emit(self.emitted + self._next_size()))
+        if self.decoder is not None and len(self.codes) - self.fed >= self._next_size():
+            self._feed()  # decode ahead in chunk-sized blocks so little is left when a chunk falls due
         return chunks
 
     def finish(self) -> list[np.ndarray]:
         """Emit everything that is left (no more codes will come)."""
+        if self.decoder is not None:
+            self._feed()
+            self._take(self.decoder.finish())
         return [self._emit(len(self.codes))] if len(self.codes) > self.emitted else []
 
     def _emit(self, stop: int) -> np.ndarray:
+        out = self._redecode(stop) if self.decoder is None else self._incremental(stop)
+        self.emitted = stop
+        self.chunks += 1
+        return out
+
+    def _incremental(self, stop: int) -> np.ndarray:
+        hop = self.codec.hop_length
+        self._feed()
+        held = torch.cat(self.held)  # exact samples from self.emitted * hop on
+        if self.done < stop * hop and not self.decoder.finished:
+            # Approximate: the unfinished tail decoded as if the codes ended here; its samples that
+            # do go out are dropped when their exact values arrive.
+            tail = self.decoder.preview()[0]
+            held = torch.cat([held, tail[max(0, self.emitted * hop - self.done) :]])
+        n = (stop - self.emitted) * hop
+        assert len(held) >= n, f"chunk up to sample {stop * hop} is not decoded ({self.done} exact)"
+        self.held = [held[n:] if self.done > stop * hop else held[:0]]  # drop approximate samples
+        return held[:n].numpy()
+
+    def _feed(self) -> None:
+        if len(self.codes) > self.fed:
+            self._take(self.decoder.push(torch.tensor([self.codes[self.fed :]])))
+            self.fed = len(self.codes)
+
+    def _take(self, samples: torch.Tensor) -> None:
+        """New exact samples (1, N) from the decoder, starting at sample self.done."""
+        skip = self.emitted * self.codec.hop_length - self.done  # > 0: already out approximately
+        self.done += samples.shape[1]
+        if samples.shape[1] > skip:
+            self.held.append(samples[0, max(skip, 0) :])
+
+    def _redecode(self, stop: int) -> np.ndarray:
         start = max(0, self.emitted - self.left)
         end = min(len(self.codes), stop + self.lookahead)
         window = torch.tensor([self.codes[start:end]])
         wav = self.codec.decode(window, self.global_codes)[0]
         hop = self.codec.hop_length
         out = wav[(self.emitted - start) * hop : (stop - start) * hop].cpu().numpy()
-        self.emitted = stop
-        self.chunks += 1
         return out
 
 
