@@ -152,7 +152,7 @@ def test_engine_args_pass_options_through_and_refuse_unknown_ones(model, mini_di
 
 @needs_vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("penalty", [None, 2.0])
+@pytest.mark.parametrize("penalty", [None, 3.0])
 def test_greedy_tokens_equal_the_torch_backend(engine, model, prompts, penalty):
     """TTS, ASR and VC prompts, all in flight at once: vLLM's greedy ids == gpa's decode loop's."""
     requests = []
@@ -164,15 +164,15 @@ def test_greedy_tokens_equal_the_torch_backend(engine, model, prompts, penalty):
     got = [s.ids for s in run_backend(engine, requests)]
     want = generate(model.lm, requests)
     assert got == want
-    if penalty is not None:
-        assert all(len(set(w)) > 5 for w in want)  # the comparison is not between constant runs
+    if penalty is not None:  # the tiny model's greedy runs repeat one id; this penalty breaks them up
+        assert all(len(set(w)) > 1 for w in want) and len(set(want[1])) > 20
 
 
 @needs_vllm
 @pytest.mark.slow
 def test_suppress_at_start_is_applied_by_the_logits_processor(engine, model, prompts):
     task, ids = prompts["tts"]
-    params = model.sampling(task, temperature=0.0, max_new_tokens=12, repetition_penalty=2.0)
+    params = model.sampling(task, temperature=0.0, max_new_tokens=12, repetition_penalty=3.0)
     plain = model.generation_request(task, ids, params)
     first = generate(model.lm, [plain])[0][:2]
     # forbid the greedy first two tokens for the first three steps: the output must change
@@ -204,21 +204,25 @@ def test_sampled_output_stays_in_the_task_ids_and_seeds_repeat(engine, model, pr
 # --- through the engine: streaming and cancellation --------------------------------------------------------
 
 
+async def collect(stream) -> list:
+    return [e async for e in stream]
+
+
 @needs_vllm
 @pytest.mark.slow
 def test_streamed_audio_and_text_equal_the_offline_torch_results(engine, model, voice, golden_inputs):
     async def main():
         tts = await engine.tts("Hello there, how are you today?", voice, temperature=0.0, max_new_tokens=80,
-                               repetition_penalty=2.0)
+                               repetition_penalty=3.0)
         asr = await engine.asr(golden_inputs["speech1_8k"], max_new_tokens=20)
-        return await asyncio.gather(*([e async for e in s] for s in (tts, asr)))
+        return await asyncio.gather(collect(tts), collect(asr))
 
     tts, asr = asyncio.run(main())
     chunks = [e for e in tts if isinstance(e, AudioChunk)]
     assert len(chunks) >= 2 and [c.index for c in chunks] == list(range(len(chunks)))
     got = np.concatenate([c.samples for c in chunks])
     wav, _ = model.tts("Hello there, how are you today?", voice, temperature=0.0, max_new_tokens=80,
-                       repetition_penalty=2.0)
+                       repetition_penalty=3.0)
     assert len(got) == len(wav) and np.allclose(got - got.mean(), wav, atol=1e-5)
     assert isinstance(asr[-1], Finished) and asr[-1].text == model.asr(golden_inputs["speech1_8k"],
                                                                        max_new_tokens=20)
@@ -263,7 +267,7 @@ def _wav(data: bytes) -> np.ndarray:
 @pytest.mark.slow
 def test_tts_asr_vc_at_once_through_the_server(server, model, voice, golden_inputs):
     ref = base64.b64encode(golden_inputs["speech0_22k"].read_bytes()).decode()
-    greedy = {"temperature": 0.0, "repetition_penalty": 2.0, "max_new_tokens": 60}
+    greedy = {"temperature": 0.0, "repetition_penalty": 3.0, "max_new_tokens": 60}
 
     def speech(c: httpx.Client) -> httpx.Response:
         return c.post("/v1/audio/speech", json={"input": "Hello there.", "ref_audio": ref, "response_format": "wav",
@@ -298,7 +302,7 @@ def test_tts_asr_vc_at_once_through_the_server(server, model, voice, golden_inpu
 @pytest.mark.slow
 def test_server_streams_speech_from_vllm(server, golden_inputs):
     ref = base64.b64encode(golden_inputs["speech0_22k"].read_bytes()).decode()
-    body = {"input": "Hello there.", "ref_audio": ref, "temperature": 0.0, "repetition_penalty": 2.0,
+    body = {"input": "Hello there.", "ref_audio": ref, "temperature": 0.0, "repetition_penalty": 3.0,
             "max_new_tokens": 60}
     with httpx.Client(base_url=server.url, timeout=300) as c:
         plain = c.post("/v1/audio/speech", json={**body, "response_format": "pcm"})
