@@ -197,6 +197,11 @@ def _add_vllm_flags(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory vLLM takes for weights + KV cache (vLLM's default: 0.9)")
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per vLLM step (default: --max-slots)")
     g.add_argument("--vllm-dtype", default=None, help="vLLM's dtype: auto, float32, bfloat16, float16 (default auto)")
+    g.add_argument("--vllm-url", default=None,
+                   help="use a running OpenAI-compatible `vllm serve` at this URL instead of starting vLLM here "
+                        "(see docs/vllm.md for its flags); the vLLM flags above then belong to that server")
+    g.add_argument("--vllm-api-key", default=os.environ.get("VLLM_API_KEY"),
+                   help="that server's API key (default: $VLLM_API_KEY)")
     g.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other vLLM engine argument, e.g. enable_prefix_caching=true or "
                         "distributed_executor_backend=ray (VALUE read as JSON when it parses, else a string)")
@@ -219,11 +224,12 @@ def _vllm_options(args: argparse.Namespace, model: str) -> Any:
 
     flags = {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
              "gpu_memory_utilization": args.gpu_memory_utilization, "max_num_seqs": args.max_num_seqs,
-             "dtype": args.vllm_dtype}
+             "dtype": args.vllm_dtype, "url": args.vllm_url}
     given = {k: v for k, v in flags.items() if v is not None}
     if args.backend != "vllm":
         if given or args.vllm_arg:
-            names = [f"--{k.replace('_', '-')}" for k in given] + (["--vllm-arg"] if args.vllm_arg else [])
+            flag = {"dtype": "--vllm-dtype", "url": "--vllm-url"}
+            names = [flag.get(k, f"--{k.replace('_', '-')}") for k in given] + (["--vllm-arg"] if args.vllm_arg else [])
             raise CLIError(f"{', '.join(names)} only apply with --backend vllm")
         return None
     extra: dict[str, Any] = {}
@@ -236,7 +242,7 @@ def _vllm_options(args: argparse.Namespace, model: str) -> Any:
         except json.JSONDecodeError:
             extra[key.strip().replace("-", "_")] = value
     try:
-        return VLLMOptions(Path(model), args=extra, **given)
+        return VLLMOptions(Path(model), args=extra, api_key=args.vllm_api_key, **given)
     except ValueError as e:
         raise CLIError(str(e)) from e
 
@@ -375,7 +381,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.model:
         raise CLIError("no model given: pass --model DIR (a GPA checkpoint directory) or set GPA_MODEL")
     vllm = _vllm_options(args, args.model)
-    if vllm is not None:
+    if vllm is not None and vllm.url is None:
         _check_vllm(args)
     optional = {"voices_dir": args.voices_dir, "api_key": args.api_key}
     settings = ServerSettings(

@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -325,3 +329,111 @@ def test_a_backend_failure_reaches_the_request(model, mini_dir):
     with pytest.raises(EngineError, match="vLLM failed to start on .*BiCodec"):
         eng.start()
     eng.shutdown()
+
+
+# --- the HTTP variant: a separate `vllm serve` process ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_server(mini_dir, tmp_path_factory):
+    """An OpenAI-compatible vLLM server on a free loopback port, started as docs/vllm.md says."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("vllm-serve") / "log.txt"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(mini_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--skip-tokenizer-init", "--generation-config", "vllm",
+           "--logits-processors", "gpa.engine.vllm_logits:SuppressAtStartProcessor", "--dtype", "float32",
+           "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--enforce-eager",
+           "--kv-cache-memory-bytes", str(64 << 20)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve did not start: {log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def http_engine(model, mini_dir, vllm_server):
+    from gpa.engine import Engine
+
+    eng = Engine(model, EngineConfig(max_slots=4, max_seq_len=MAX_LEN, backend="vllm",
+                                     vllm=VLLMOptions(mini_dir, url=vllm_server)))
+    eng.start()
+    assert eng.backend.name == "vllm-http"
+    yield eng
+    eng.shutdown()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_http_backend_gives_the_torch_backends_greedy_ids(http_engine, model, prompts):
+    requests = [model.generation_request(task, ids, model.sampling(task, temperature=0.0, max_new_tokens=40,
+                                                                   repetition_penalty=3.0))
+                for task, ids in prompts.values()]
+    task, ids = prompts["tts"]
+    plain = requests[0]
+    first = generate(model.lm, [plain])[0][:2]
+    requests.append(GenerationRequest(ids, plain.params, [AllowedIds(plain.allowed), SuppressAtStart(first, steps=3)],
+                                      plain.stop, plain.allowed))
+    assert [s.ids for s in run_backend(http_engine, requests)] == generate(model.lm, requests)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_http_backend_streams_and_cancels(http_engine, model, voice, golden_inputs):
+    async def main():
+        tts = await http_engine.tts("Hello there, how are you today?", voice, temperature=0.0, max_new_tokens=80,
+                                    repetition_penalty=3.0)
+        asr = await http_engine.asr(golden_inputs["speech1_8k"], max_new_tokens=20)
+        done = await asyncio.gather(collect(tts), collect(asr))
+        long = await http_engine.tts("Something long.", voice, temperature=1.0, max_new_tokens=1500)
+        async for _ in long:
+            break
+        await long.aclose()
+        return done
+
+    tts, asr = asyncio.run(main())
+    chunks = [e for e in tts if isinstance(e, AudioChunk)]
+    assert len(chunks) >= 2
+    got = np.concatenate([c.samples for c in chunks])
+    wav, _ = model.tts("Hello there, how are you today?", voice, temperature=0.0, max_new_tokens=80,
+                       repetition_penalty=3.0)
+    assert len(got) == len(wav) and np.allclose(got - got.mean(), wav, atol=1e-5)
+    assert asr[-1].text == model.asr(golden_inputs["speech1_8k"], max_new_tokens=20)
+    deadline = time.monotonic() + 30
+    while http_engine.backend.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert http_engine.load["running"] == http_engine.load["waiting"] == 0
+
+
+def test_http_backend_without_a_server_is_a_clear_error(model, mini_dir):
+    from gpa.engine import Engine
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    eng = Engine(model, EngineConfig(max_slots=1, max_seq_len=256, backend="vllm",
+                                     vllm=VLLMOptions(mini_dir, url=f"http://127.0.0.1:{port}")))
+    with pytest.raises(EngineError, match=f"no OpenAI-compatible vLLM server answers at http://127.0.0.1:{port}"):
+        eng.start()
+    eng.shutdown()
+    with pytest.raises(ValueError, match=r"\['tensor_parallel_size'\] start vLLM here"):
+        VLLMOptions(mini_dir, url="http://127.0.0.1:1", tensor_parallel_size=2)

