@@ -212,8 +212,10 @@ def test_gpa_eval_on_the_tiny_checkpoint(judges, data, mini_dir, tmp_path, capsy
     write_manifest(tmp_path / "cathy.jsonl", [cathy(data, n) for n in CATHY])
     write_manifest(tmp_path / "voices.jsonl", [libri(data, s, k) for s in LIBRI for k in range(2)])
     out = tmp_path / "r.json"
+    # 29 tokens = 0.58 s of audio: DNSMOS repeats a clip by doubling to its 9.01 s window and scores every 1 s
+    # hop of the result; 0.58 s x 16 = 9.28 s is one window (0.5 s would be 16 s and eight windows).
     argv = ["eval", "--model", str(mini_dir), "--manifest", str(tmp_path / "cathy.jsonl"), "--references",
-            str(tmp_path / "voices.jsonl"), "--tasks", "asr,tts,vc", "--limit", "2", "--max-new-tokens", "25",
+            str(tmp_path / "voices.jsonl"), "--tasks", "asr,tts,vc", "--limit", "2", "--max-new-tokens", "29",
             "--out", str(out), "--no-progress", "--save-audio", str(tmp_path / "audio"), "--device", "cpu"]
     assert main(argv) == 0
     report = json.loads(out.read_text())
@@ -232,7 +234,8 @@ def test_gpa_eval_on_the_tiny_checkpoint(judges, data, mini_dir, tmp_path, capsy
         model = res[task]["model"]
         assert model[f"{key}_n"] == 0 or -1 <= model[key] <= 1
     gt_tts, gt_vc = res["tts"]["ground_truth"], res["vc"]["ground_truth"]
-    assert gt_tts["similarity"] > 0.75 and gt_tts["similarity_n"] == 2  # another cathy take vs the reference
+    # Another cathy recording vs the reference (short clips: 0.80 on average over 190 cathy pairs, min 0.61).
+    assert gt_tts["similarity"] > 0.65 and gt_tts["similarity_n"] == 2
     assert gt_vc["similarity_target"] > gt_vc["similarity_source"] + 0.1 and gt_vc["transfer"] > 0.1
     assert gt_tts["dnsmos"]["ovrl"] > 2.8 and gt_tts["dnsmos_n"] == 2
     refs = {i["reference"] for i in res["vc"]["items"]}
@@ -241,7 +244,8 @@ def test_gpa_eval_on_the_tiny_checkpoint(judges, data, mini_dir, tmp_path, capsy
 
     again = tmp_path / "r2.json"  # the judges alone: the same seeded pairs without a model
     assert main(["eval", "--judges-only", "--manifest", str(tmp_path / "cathy.jsonl"), "--references",
-                 str(tmp_path / "voices.jsonl"), "--tasks", "tts,vc", "--limit", "2", "--out", str(again)]) == 0
+                 str(tmp_path / "voices.jsonl"), "--tasks", "tts,vc", "--limit", "2", "--out", str(again),
+                 "--no-progress"]) == 0
     second = json.loads(again.read_text())["test_sets"]["cathy"]
     for task in ("tts", "vc"):
         assert [(i["id"], i["reference"]) for i in res[task]["items"]] == [

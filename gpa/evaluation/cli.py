@@ -31,7 +31,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("--model", default=os.environ.get("GPA_MODEL"),
                    help="GPA checkpoint directory (default: $GPA_MODEL)")
     p.add_argument("--judges-only", action="store_true",
-                   help="no model: only the judges' scores on the recordings (the ground-truth rows)")
+                   help="no model (--model is ignored): only the judges' scores on the recordings (ground-truth rows)")
     p.add_argument("--manifest", action="append", type=Path, required=True,
                    help="a test set: JSONL of {audio, text, speaker} (repeatable)")
     p.add_argument("--references", type=Path, default=None,
@@ -96,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.judges_only == bool(args.model):
-        raise UsageError("--judges-only takes no --model" if args.model else
-                         "pass --model DIR (or set GPA_MODEL), or --judges-only to score the recordings alone")
+    if args.judges_only:
+        args.model = None  # the judges alone, whatever $GPA_MODEL says
+    elif not args.model:
+        raise UsageError("no model: pass --model DIR (or set GPA_MODEL), or --judges-only to score the recordings")
     try:
         spec = _spec(args)
     except ValueError as e:

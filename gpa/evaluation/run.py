@@ -270,7 +270,7 @@ def evaluate_test_set(model: Any, test_set: TestSet, spec: EvalSpec, scorer: Sco
     own = test_set.items + tuple(i for i in pool if i.audio not in {t.audio for t in test_set.items})
     run = TaskRun(model, scorer, dict(options or {}), spec.seed,
                   save_dir / test_set.name if save_dir else None, progress)
-    out: dict[str, Any] = {"manifest": str(test_set.path), "items": len(test_set.items), "inputs": len(inputs),
+    out: dict[str, Any] = {"manifest": str(test_set.path), "recordings": len(test_set.items), "inputs": len(inputs),
                            "speakers": len(test_set.speakers),
                            "references": str(references.path) if references else None}
     for task in spec.tasks:
