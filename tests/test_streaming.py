@@ -207,3 +207,13 @@ def test_incremental_decode_equals_offline_at_official_size():
     assert (dec.lag, dec.lookahead) == (expected_lag(codec.config), 67) and dec.lag == 21381
     assert streamed.shape == offline.shape
     assert (streamed - offline).abs().max().item() <= ATOL
+
+
+def test_bfloat16_stream_is_as_close_as_bfloat16_offline(mini_dir, codec):
+    fast = BiCodec.from_dir(mini_dir / "BiCodec", with_wav2vec2=False, decode_dtype=torch.bfloat16)
+    semantic, glob = random_codes(codec, 100, 14)
+    ref = codec.decode(semantic, glob)[0].numpy()
+    chunks, _ = run_streamer(fast, semantic, glob, StreamConfig(), 1)
+    offline = fast.decode(semantic, glob)[0].numpy()
+    # Measured: both about 32 dB from float32 with these random weights.
+    assert abs(snr_db(np.concatenate(chunks), ref) - snr_db(offline, ref)) < 3

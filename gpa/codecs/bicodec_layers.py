@@ -131,6 +131,30 @@ class ResidualUnit(nn.Module):
         return x + self.block(x)
 
 
+def transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
+    """ConvTranspose1d without cropping, as one matrix product and an overlap-add.
+
+    PyTorch's CPU kernel falls back to a very slow path for short inputs (the streaming decoder's
+    blocks); this form is fast at every length. x: (B, C_in, T), weight: (C_in, C_out, k)
+    -> (B, C_out, (T - 1) * stride + k).
+    """
+    c_in, c_out, k = weight.shape
+    cols = torch.matmul(weight.reshape(c_in, c_out * k).t(), x)  # (B, C_out * k, T)
+    n = (x.shape[-1] - 1) * stride + k
+    y = F.fold(cols, output_size=(1, n), kernel_size=(1, k), stride=(1, stride))[:, :, 0]  # (B, C_out, n)
+    return y if bias is None else y + bias[:, None]
+
+
+class Upsample(nn.ConvTranspose1d):
+    """ConvTranspose1d (same parameters and output) computed with :func:`transposed_conv`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x: (B, C_in, T) -> (B, C_out, T * stride)."""
+        p = self.padding[0]
+        y = transposed_conv(x, self.weight, self.bias, self.stride[0])
+        return y[..., p : y.shape[-1] - p]
+
+
 class DecoderBlock(nn.Module):
     """Snake, transposed conv upsampling by ``stride``, residual units with dilation 1, 3, 9."""
 
@@ -140,7 +164,7 @@ class DecoderBlock(nn.Module):
             raise ValueError(f"decoder kernel {kernel} and rate {stride} must differ by an even number")
         self.block = nn.Sequential(
             Snake1d(c_in),
-            nn.ConvTranspose1d(c_in, c_out, kernel, stride=stride, padding=(kernel - stride) // 2),
+            Upsample(c_in, c_out, kernel, stride=stride, padding=(kernel - stride) // 2),
             ResidualUnit(c_out, 1),
             ResidualUnit(c_out, 3),
             ResidualUnit(c_out, 9),

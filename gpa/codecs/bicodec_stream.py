@@ -29,6 +29,7 @@ from gpa.codecs.bicodec_layers import (
     VocosBackbone,
     WaveGenerator,
     apply_norm,
+    transposed_conv,
 )
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ class ConvTranspose(Op):
         assert ctx is not None
         c, s = ctx.shape[-1] - x.shape[-1], self.rate
         # Uncropped output j*s .. j*s + k - 1 gets input j; keep those complete: inputs up to now.
-        y = F.conv_transpose1d(ctx, self.conv.weight, self.conv.bias, stride=s)[..., c * s : ctx.shape[-1] * s]
+        y = transposed_conv(ctx, self.conv.weight, self.conv.bias, s)[..., c * s : ctx.shape[-1] * s]
         self.ctx = ctx[..., ctx.shape[-1] - self.keep :] if self.keep else None
         return self._crop(y)
 
@@ -192,7 +193,7 @@ class ConvTranspose(Op):
         if self.ctx is None or not self.lag:
             return None
         c = self.ctx.shape[-1]
-        y = F.conv_transpose1d(self.ctx, self.conv.weight, self.conv.bias, stride=self.rate)
+        y = transposed_conv(self.ctx, self.conv.weight, self.conv.bias, self.rate)
         return self._crop(y[..., c * self.rate : c * self.rate + self.lag])  # up to the right crop
 
     def _crop(self, y: torch.Tensor) -> Frames:
