@@ -133,8 +133,8 @@ def test_manifest_round_trip_and_errors(tmp_path, data):
         load_manifest(tmp_path / "dup.jsonl")
 
 
-def _pool() -> list[Item]:
-    return [Item(f"{s}{k}", Path(f"/{s}/{k}.wav"), s, f"text {s}{k}") for s in "abc" for k in range(4)]
+def _pool() -> list[Item]:  # parallel: speakers a, b, c each say sentences 0-3
+    return [Item(f"{s}{k}", Path(f"/{s}/{k}.wav"), s, f"sentence {k}") for s in "abc" for k in range(4)]
 
 
 def test_pairing_is_seeded_and_respects_speakers():
@@ -144,13 +144,16 @@ def test_pairing_is_seeded_and_respects_speakers():
                                                                                  random.Random("0/x/tts"))[0]]
     assert all(p.reference.speaker == p.input.speaker and p.reference.audio != p.input.audio for p in same)
     assert all(p.other is p.input for p in same)
+    assert all(p.reference.text != p.input.text for p in same)  # the reference never says the input's sentence
     other, skipped = pair_references(pool, pool, False, random.Random("0/x/vc"))
     assert not skipped and len(other) == len(pool)
     assert all(p.reference.speaker != p.input.speaker for p in other)
     assert all(p.other.speaker == p.reference.speaker and p.other.audio != p.reference.audio for p in other)
+    assert all(p.reference.text != p.input.text and p.other.text == p.input.text for p in other)  # parallel truth
     assert len({p.reference.speaker for p in other}) > 1
-    lonely = [Item("z", Path("/z.wav"), "z", "t")]
-    assert pair_references(lonely, lonely, True, random.Random(0)) == ([], {"no other recording of its speaker": 1})
+    twice = [Item("z1", Path("/z1.wav"), "z", "t"), Item("z2", Path("/z2.wav"), "z", "t")]  # one sentence twice
+    assert pair_references(twice, twice, True, random.Random(0)) == (
+        [], {"no recording of its speaker with another sentence": 2})
 
 
 def test_limit_picks_a_seeded_subset_in_file_order(tmp_path, data):

@@ -24,13 +24,16 @@ so a run is repeatable):
 - Inputs: the transcribed items of a test set, or a seeded subset of ``limit`` of them, in file order.
 - ``asr``: the model transcribes each input; WER/CER against its ``text``. Ground truth: the ASR judge's
   WER/CER on the same recordings. RTF: model wall time over input seconds.
-- ``tts``: the model speaks each input's ``text`` in a reference voice from the reference pool (``--references``,
-  default the test set): ``same-speaker`` takes another recording of the input's speaker, ``other-speaker`` a
-  recording of a different speaker (speaker drawn uniformly, then the recording). Figures: judge WER of the
+- References never say the input's sentence (so they cannot give the content away).
+- ``tts``: the model speaks each input's ``text`` in a reference voice: ``same-speaker`` takes another recording
+  of the input's speaker (from the test set and the reference pool), ``other-speaker`` a recording of a
+  different speaker from the reference pool (``--references``, default the test set; speaker drawn uniformly,
+  then the recording). Figures: judge WER of the
   output against the text, similarity of output and reference, DNSMOS, RTF (wall time over output seconds;
   the reference is tokenized before timing). Ground truth: judge WER and DNSMOS of the input's own recording
   of the text, and the similarity to the reference of another recording of the reference's speaker (the
-  input itself for same-speaker; else a seeded other recording of that speaker, or none).
+  input itself for same-speaker; else another recording of that speaker, of the input's sentence where the
+  pool has one (parallel data), or none).
 - ``vc``: each input's recording converted to the voice of a reference of another speaker. Figures: judge WER
   against the source transcript (content preservation), similarity to the reference (target) and to the
   source, ``transfer`` = target - source, DNSMOS, RTF. Ground truth: the judge's WER and DNSMOS on the source

@@ -141,10 +141,20 @@ class Pair:
     other: Item | None  # another recording of the reference's speaker: the ground truth for similarity
 
 
+def _differs(a: Item, b: Item) -> bool:
+    """Another recording, and not of the same sentence (a reference must not give the content away)."""
+    return a.audio != b.audio and (a.text is None or a.text != b.text)
+
+
 def pair_references(inputs: Sequence[Item], pool: Sequence[Item], same_speaker: bool,
                     rng: random.Random) -> tuple[list[Pair], dict[str, int]]:
-    """Give each input a reference from ``pool``: another recording of its own speaker (``same_speaker``)
-    or a recording of a different speaker (the speaker drawn uniformly, then the recording).
+    """Give each input a reference from ``pool`` that does not say the input's sentence: another recording of
+    its own speaker (``same_speaker``), or a recording of a different speaker (the speaker drawn uniformly among
+    those with a candidate, then the recording).
+
+    The ground-truth recording (:attr:`Pair.other`) is the input itself for ``same_speaker``; otherwise another
+    recording of the reference's speaker, preferably of the input's sentence (a parallel corpus has the true
+    target of a conversion).
 
     Returns:
         the pairs, and counts of inputs left out by reason (no candidate reference).
@@ -155,16 +165,18 @@ def pair_references(inputs: Sequence[Item], pool: Sequence[Item], same_speaker: 
     pairs, skipped = [], {}
     for item in inputs:
         if same_speaker:
-            refs = [r for r in by_speaker.get(item.speaker, []) if r.audio != item.audio]
+            refs = [r for r in by_speaker.get(item.speaker, []) if _differs(r, item)]
             ref = rng.choice(refs) if refs else None
             other: Item | None = item  # the input's own recording is the speaker's other recording
         else:
-            speakers = [s for s in by_speaker if s != item.speaker]
-            ref = rng.choice(by_speaker[rng.choice(speakers)]) if speakers else None
+            speakers = [s for s, rs in by_speaker.items() if s != item.speaker and any(_differs(r, item) for r in rs)]
+            ref = rng.choice([r for r in by_speaker[rng.choice(speakers)] if _differs(r, item)]) if speakers else None
             others = [] if ref is None else [r for r in by_speaker[ref.speaker] if r.audio != ref.audio]
-            other = rng.choice(others) if others else None
+            parallel = [r for r in others if item.text is not None and r.text == item.text]
+            other = rng.choice(parallel or others) if others else None
         if ref is None:
-            reason = "no other recording of its speaker" if same_speaker else "no recording of another speaker"
+            reason = ("no recording of its speaker with another sentence" if same_speaker
+                      else "no recording of another speaker with another sentence")
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
         pairs.append(Pair(item, ref, other))
