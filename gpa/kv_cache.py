@@ -45,3 +45,27 @@ class KVCache:
         if rows is None:
             return kc, vc
         return kc.index_select(0, rows), vc.index_select(0, rows)
+
+    def write_read(self, layer: int, positions: Tensor, k: Tensor, v: Tensor, rows: Tensor | slice | None,
+                   kv_len: int, row_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Like :meth:`update` for k, v laid out (B, T, KV, D), with the write index given.
+
+        Args:
+            row_index: (B, 1) int64: ``rows`` as a tensor, or 0..B-1 when ``rows`` is None or a slice.
+
+        Returns:
+            keys and values of those rows over positions [0, kv_len), each (B, KV, kv_len, D); a
+            view of the cache unless ``rows`` is a tensor.
+        """
+        kc, vc = self.k[layer], self.v[layer]
+        if isinstance(rows, slice):
+            kc, vc = kc[rows], vc[rows]
+        if k.dtype != kc.dtype:
+            k, v = k.to(kc.dtype), v.to(vc.dtype)
+        # Advanced indexing on (row, :, pos) puts the indexed dims first: the target is (B, T, KV, D).
+        kc[row_index, :, positions] = k
+        vc[row_index, :, positions] = v
+        kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
+        if isinstance(rows, Tensor):
+            return kc.index_select(0, rows), vc.index_select(0, rows)
+        return kc, vc

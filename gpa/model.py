@@ -2,6 +2,12 @@
 
 Weight names follow the Hugging Face checkpoint (``model.layers.N.self_attn.q_proj.weight`` ...) so the
 official ``model.safetensors`` loads without a rename table.
+
+Decoding one token on a CPU is bound by per-op overhead as much as by memory, so inference (no
+autograd) runs a leaner path: :meth:`GPALM.fuse` concatenates the q/k/v and gate/up projections
+into single matrices (the original parameters become views of them: no extra memory, the same
+``state_dict``), both QK-norms run as one op, RoPE comes from a table indexed by position, and a
+single-token step attends with two batched matmuls over the cache without copying it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 (as the HF reference does), then scale in the model dtype.
+        if x.dtype == self.weight.dtype:  # one fused op (computed in fp32 inside)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Mixed dtypes (autocast): normalise in fp32 as the HF reference does, scale in x's dtype.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -44,6 +52,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
+class RopeTable:
+    """cos and sign-folded sin by position, so that rotating is ``x * cos + roll(x, D/2) * sin``.
+
+    ``roll(x, D/2)`` is (x2, x1); with sin's first half negated that is rotate-half's (-x2, x1) * sin.
+    The table grows in powers of two as positions demand and is kept per dtype and device.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim, self.theta = head_dim, theta
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def lookup(self, positions: Tensor, max_position: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(B, T) positions (all <= ``max_position``) -> cos, sin each (B, T, 1, D) in ``dtype``."""
+        key = (dtype, positions.device)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] <= max_position:
+            length = 1 << max(max_position, 255).bit_length()
+            cos, sin = rope_tables(torch.arange(length, device=positions.device)[None], self.head_dim, self.theta)
+            half = self.head_dim // 2
+            sin[..., :half] = -sin[..., :half]
+            table = self._tables[key] = (cos[0, :, None].to(dtype), sin[0, :, None].to(dtype))  # (L, 1, D)
+        return table[0][positions], table[1][positions]
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, T, heads, D) with a :class:`RopeTable` lookup (cos, sin: (B, T, 1, D))."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
 @dataclass(frozen=True)
 class CacheView:
     """What one layer needs to read and write the KV cache in this forward pass."""
@@ -53,6 +90,7 @@ class CacheView:
     positions: Tensor  # (B, T) where the new keys go
     rows: Tensor | slice | None  # cache slots of the batch rows
     kv_len: int  # keys [0, kv_len) are attended to
+    row_index: Tensor | None = None  # (B, 1) int64 slot of each row within ``rows``' view (write index)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | bool) -> Tensor:
@@ -77,6 +115,53 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | bool) -> Tensor:
     return y.view(B, H, T, D)
 
 
+def attend_one(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """Attention of one query per row: q (B, H, D) over k, v (B, KV, S, D) -> (B, H * D).
+
+    ``bias``: (B * KV, S) additive mask (0 or -inf) in q's dtype. The G query heads sharing a K/V
+    head form one small matmul per (row, K/V head), batched over B * KV. CPU kernels differ a lot on
+    this shape (measured here): in float32, keys-times-queries over the strided cache view is the
+    fast form; in bfloat16, copying the keys and values contiguous first and multiplying
+    queries-times-keys is several times faster than any strided form.
+    """
+    B, H, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B * KV, H // KV, D)
+    if q.dtype == torch.float32:
+        k3, v3 = k.reshape(B * KV, S, D), v.reshape(B * KV, S, D)  # views: (B, KV) fold into one stride
+        scores = torch.baddbmm(bias[:, :, None], k3, qg.transpose(1, 2), alpha=D**-0.5)  # (B*KV, S, G)
+        return torch.bmm(scores.softmax(1).transpose(1, 2), v3).view(B, H * D)
+    k3, v3 = k.contiguous().view(B * KV, S, D), v.contiguous().view(B * KV, S, D)
+    scores = torch.baddbmm(bias[:, None], qg, k3.transpose(1, 2), alpha=D**-0.5)  # (B*KV, G, S)
+    probs = scores.float().softmax(-1).to(q.dtype)
+    return torch.bmm(probs, v3).view(B, H * D)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Inference-only concatenated projections of one layer (a plain object: not in ``state_dict``)."""
+
+    proj: nn.Module  # computes the concatenated outputs
+    norm: Tensor | None = None  # (H + KV, D): q_norm's weight per query head, then k_norm's per K/V head
+
+
+def _fused_linear(parts: list[nn.Module]) -> nn.Module:
+    """One module computing the concatenated outputs of ``parts``; their weights become views of its own."""
+    first = parts[0]
+    if isinstance(first, nn.Linear):
+        assert all(p.bias is None for p in parts), "fusing needs bias-free projections"
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        start = 0
+        for p in parts:
+            n = p.weight.shape[0]
+            p.weight.data = weight[start : start + n]
+            start += n
+        return fused
+    return type(first).fuse(parts)  # e.g. gpa.quant.Int8Linear
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -88,18 +173,38 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.fused: Fused | None = None  # q/k/v in one projection
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | bool, cache: CacheView | None) -> Tensor:
+    def fuse(self) -> None:
+        """Build the fused q/k/v projection (see :meth:`GPALM.fuse`)."""
+        if self.fused is None and getattr(self.q_proj, "bias", None) is None:
+            qk_norm = torch.cat([self.q_norm.weight.detach().expand(self.n_heads, -1),
+                                 self.k_norm.weight.detach().expand(self.n_kv, -1)])
+            self.fused = Fused(_fused_linear([self.q_proj, self.k_proj, self.v_proj]), qk_norm)
+
+    def forward(self, x: Tensor, rope_cs: tuple[Tensor, Tensor], mask: Tensor | bool, cache: CacheView | None
+                ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            # Keys up to the furthest position any row has reached: (B, KV, S, D).
-            k, v = cache.kv.update(cache.layer, cache.positions, k, v, cache.rows, cache.kv_len)
-        y = attend(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        if self.fused is not None and not torch.is_grad_enabled():
+            qkv = self.fused.proj(x).view(B, T, H + 2 * KV, D)
+            qk = F.rms_norm(qkv[:, :, : H + KV], (D,), None, self.q_norm.eps) * self.fused.norm
+            qk = rope(qk, *rope_cs)  # (B, T, H + KV, D)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
+        else:
+            q = self.q_norm(self.q_proj(x).view(B, T, H, D))  # (B, T, H, D)
+            k = self.k_norm(self.k_proj(x).view(B, T, KV, D))  # (B, T, KV, D)
+            v = self.v_proj(x).view(B, T, KV, D)
+            q, k = rope(q, *rope_cs).to(q.dtype), rope(k, *rope_cs).to(k.dtype)
+        if cache is None:
+            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+            return self.o_proj(y.reshape(B, T, H * D))
+        # Keys up to the furthest position any row has reached: (B, KV, S, D).
+        k, v = cache.kv.write_read(cache.layer, cache.positions, k, v, cache.rows, cache.kv_len, cache.row_index)
+        if T == 1 and isinstance(mask, Tensor) and mask.is_floating_point():
+            return self.o_proj(attend_one(q.reshape(B, H, D), k, v, mask).view(B, 1, H * D))
+        y = attend(q.transpose(1, 2), k, v, mask).transpose(1, 2)
+        return self.o_proj(y.reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -108,8 +213,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused: Fused | None = None  # gate and up in one projection
+
+    def fuse(self) -> None:
+        """Build the fused gate/up projection (see :meth:`GPALM.fuse`)."""
+        if self.fused is None:
+            self.fused = Fused(_fused_linear([self.gate_proj, self.up_proj]))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused is not None and not torch.is_grad_enabled():
+            gate, up = self.fused.proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate).mul_(up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -121,8 +235,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | bool, cache: CacheView | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def forward(self, x: Tensor, rope_cs: tuple[Tensor, Tensor], mask: Tensor | bool, cache: CacheView | None
+                ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope_cs, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -145,9 +260,34 @@ class GPALM(nn.Module):
         self.weight_quant = "none"  # "int8" after gpa.quant.quantize_int8 (set by the loader)
         self.model = Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
 
     def head_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def fuse(self) -> GPALM:
+        """Concatenate each layer's q/k/v and gate/up projections for inference (idempotent).
+
+        The original weights become views of the fused matrices, so memory, ``state_dict`` and
+        in-place updates are unchanged; the fused path runs only without autograd. Moving or casting
+        the model (``.to``) drops the fused matrices; call again afterwards.
+        """
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
+
+    @property
+    def is_fused(self) -> bool:
+        """True once :meth:`fuse` has run (and no ``.to`` since)."""
+        return all(layer.mlp.fused is not None for layer in self.model.layers)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        for layer in self.model.layers:  # fused matrices would keep the old device/dtype
+            layer.self_attn.fused = None
+            layer.mlp.fused = None
+        self.rope = RopeTable(self.config.head_dim, self.config.rope_theta)
+        return super()._apply(fn, recurse)
 
     def forward(
         self,
@@ -179,42 +319,50 @@ class GPALM(nn.Module):
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
-        mask = self._mask(positions, cache, padding_mask)
-        kv_len = int(positions.max()) + 1 if cache is not None else 0
-        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        max_pos = int(positions.max())
+        mask = self._mask(positions, cache, padding_mask, max_pos)
         x = self.model.embed_tokens(ids)  # (B, T, C)
-        for i, layer in enumerate(self.model.layers):
-            view = None if cache is None else CacheView(cache, i, positions, cache_rows, kv_len)
-            x = layer(x, rope, mask, view)
+        rope_cs = self.rope.lookup(positions, max_pos, x.dtype)
+        views = [None] * len(self.model.layers)
+        if cache is not None:
+            row_index = torch.arange(B, device=ids.device)[:, None] if cache_rows is None or isinstance(
+                cache_rows, slice) else cache_rows[:, None]
+            views = [CacheView(cache, i, positions, cache_rows, max_pos + 1, row_index)
+                     for i in range(len(self.model.layers))]
+        for layer, view in zip(self.model.layers, views, strict=True):
+            x = layer(x, rope_cs, mask, view)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
         return x if hidden_only else F.linear(x, self.head_weight()).float()
 
-    @staticmethod
-    def _mask(positions: Tensor, cache: KVCache | None, padding_mask: Tensor | None) -> Tensor | bool:
-        """(B, 1, T, S) bool: a query at position p sees keys at positions <= p (and not padding).
+    def _mask(self, positions: Tensor, cache: KVCache | None, padding_mask: Tensor | None, max_pos: int
+              ) -> Tensor | bool:
+        """Which keys each query sees: a query at position p sees keys at positions <= p (and not padding).
 
         With a cache, S is the highest position in the batch + 1: later entries are stale or empty.
         Two common cases need no mask tensor: ``True`` means plain causal attention over the T
         tokens (an unpadded batch, or one row prefilled from position 0); ``False`` means attend
-        to every key (one query, one row, at the last position).
+        to every key (one query, one row, at the last position). Otherwise a (B, 1, T, S) bool
+        tensor, or for one query per row with a cache, a (B * KV, S) additive float bias (0 or
+        -inf, in the model's dtype) for :func:`attend_one`.
         """
         B, T = positions.shape
         if padding_mask is None and (cache is None or (B == 1 and int(positions[0, 0]) == 0)):
             return True
-        if cache is not None and B == 1 and T == 1:
-            return False
         if cache is None:
             key_pos = positions  # (B, S=T)
         else:
             if padding_mask is not None:
                 raise ValueError("padding_mask is for uncached forward passes only")
-            kv_len = int(positions.max()) + 1
-            if kv_len > cache.max_seq_len:
-                raise ValueError(f"position {kv_len - 1} is beyond the KV cache's {cache.max_seq_len}")
-            key_pos = torch.arange(kv_len, device=positions.device).expand(positions.shape[0], -1)
+            if max_pos >= cache.max_seq_len:
+                raise ValueError(f"position {max_pos} is beyond the KV cache's {cache.max_seq_len}")
+            key_pos = torch.arange(max_pos + 1, device=positions.device).expand(positions.shape[0], -1)
         mask = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
         if padding_mask is not None:
             mask = mask & padding_mask[:, None, :]
+        if cache is not None and T == 1:
+            bias = torch.zeros(B, mask.shape[-1], dtype=self.model.norm.weight.dtype, device=mask.device)
+            bias.masked_fill_(~mask[:, 0], float("-inf"))
+            return bias.repeat_interleave(self.config.num_key_value_heads, dim=0)  # (B * KV, S)
         return mask[:, None]

@@ -30,13 +30,34 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
+    @classmethod
+    def fuse(cls, parts: list[Int8Linear]) -> Int8Linear:
+        """One layer computing the concatenated outputs of ``parts`` (exactly: scales are per row).
+
+        The parts' weights and scales become views of the fused layer's, so no memory is added.
+        """
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.register_buffer("weight", torch.cat([p.weight for p in parts]))
+        fused.register_buffer("scale", torch.cat([p.scale for p in parts]))
+        fused.in_features, fused.out_features = parts[0].in_features, fused.weight.shape[0]
+        start = 0
+        for p in parts:
+            end = start + p.out_features
+            p.weight, p.scale = fused.weight[start:end], fused.scale[start:end]
+            start = end
+        return fused
+
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        if flat.dtype != torch.bfloat16:
+            flat = flat.to(torch.bfloat16)
         if flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)  # (N, out)
         else:  # many rows (prefill): the bf16 kernel on dequantized weights is faster
             y = F.linear(flat, self.weight.to(torch.bfloat16) * self.scale[:, None])
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def quantize_int8(model: nn.Module, names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
