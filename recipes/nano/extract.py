@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 3, 4, 5])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--splits", nargs="+", default=["cathy_train", "cathy_test", "libri_train", "libri_test"])
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
@@ -53,6 +54,8 @@ def main() -> None:
     enc = WhisperEncoder.from_safetensors(a.weights / "whisper_tiny_en_encoder.f32.safetensors")
     mel_fn = MelSpectrogram(HiFiGANConfig())
     for split, items in utterances(a.data).items():
+        if split not in a.splits:
+            continue
         t0, feats, mels, meta = time.time(), {k: [] for k in a.layers}, [], []
         for f, text in items:
             wav, sr = sf.read(f, dtype="float32")

@@ -51,6 +51,19 @@ class Data:
         return self.mel[self.mel_off[i] + start : self.mel_off[i] + start + n]
 
 
+def mel_table(k: int, *splits: Data) -> torch.Tensor:
+    """(K, 80) mean log-mel of the mel frames each code covers, over the training splits."""
+    sums, counts = torch.zeros(k, 80, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    for d in splits:
+        for i, m in enumerate(d.meta):
+            j = np.arange(m["mel_frames"])
+            tok = d.codes[d.tok_off[i] + np.minimum((j * 256 / 22050 * 50).astype(np.int64), m["frames"] - 1)]
+            sums.index_add_(0, tok, d.mel[d.mel_off[i] : d.mel_off[i + 1]].double())
+            counts += torch.bincount(tok, minlength=k).double()
+    mean_mel = sums.sum(0) / counts.sum()
+    return torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], mean_mel).float()
+
+
 def batch(cathy: Data, libri: Data, bs: int, rng: np.random.Generator):
     codes, mels, refs = [], [], []
     for b in range(bs):
@@ -93,6 +106,10 @@ def main() -> None:
     km["layer"] = a.layer
     cathy, libri = Data(a.feats, "cathy_train", km), Data(a.feats, "libri_train", km)
     dec, spk = TokenDecoder(a.k), SpeakerEncoder()
+    table = mel_table(a.k, cathy, libri)
+    np.save(a.feats / f"table_layer{a.layer}_k{a.k}.npy", table.numpy())
+    with torch.no_grad():
+        dec.mel_table.weight.copy_(table)
     params = list(dec.parameters()) + list(spk.parameters())
     log.info("decoder %.2fM params, speaker encoder %.2fM", sum(p.numel() for p in dec.parameters()) / 1e6,
              sum(p.numel() for p in spk.parameters()) / 1e6)
