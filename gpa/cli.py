@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub, fmt)
     _add_training(sub, fmt)
     _add_bench(sub, fmt)
+    from gpa.corpus import cli as corpus_cli  # light imports only (numpy, soundfile, soxr)
+    from gpa.evaluation import cli as eval_cli  # the judges load on first use, not here
+
+    corpus_cli.add_parser(sub, fmt)
+    eval_cli.add_parser(sub, fmt)
     return parser
 
 
@@ -403,13 +408,23 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"asr": cmd_asr, "tts
                                                             "bench": cmd_bench}
 
 
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    if name == "corpus":
+        from gpa.corpus.cli import run
+        return run
+    if name == "eval":
+        from gpa.evaluation.cli import run
+        return run
+    return COMMANDS[name]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gpa``; returns the exit code (0 ok, 1 some inputs failed, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        return _command(args.command)(args)
     except CLIError as e:
         print(f"gpa: error: {e}", file=sys.stderr)
         return 2
