@@ -277,15 +277,20 @@ class GPALM(nn.Module):
             layer.mlp.fuse()
         return self
 
+    def unfuse(self) -> GPALM:
+        """Go back to the separate projections (their weights stay views of the fused storage)."""
+        for layer in self.model.layers:
+            layer.self_attn.fused = None
+            layer.mlp.fused = None
+        return self
+
     @property
     def is_fused(self) -> bool:
         """True once :meth:`fuse` has run (and no ``.to`` since)."""
         return all(layer.mlp.fused is not None for layer in self.model.layers)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        for layer in self.model.layers:  # fused matrices would keep the old device/dtype
-            layer.self_attn.fused = None
-            layer.mlp.fused = None
+        self.unfuse()  # fused matrices would keep the old device/dtype
         self.rope = RopeTable(self.config.head_dim, self.config.rope_theta)
         return super()._apply(fn, recurse)
 
