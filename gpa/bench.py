@@ -39,8 +39,9 @@ class BenchConfig:
     asr_seconds: float = 10.0  # length of the ASR input
     quantize: str = "none"  # "int8": weight-only int8 LLM
     dtype: str = "float32"  # LLM dtype: float32 or bfloat16
-    lookahead: int | None = None  # streaming context after a chunk; None: exact (the decoder's receptive field)
-    first_chunk: int = 10  # frames in the first audio chunk
+    lookahead: int | None = None  # codes awaited after a chunk; None: exact, below the decoder's lookahead: approximate
+    first_chunk: int = 5  # frames in the first audio chunk
+    vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (float32 as loaded) or "bfloat16"
     baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     backend: str = "torch"  # what generates the tokens: "torch" (gpa's decode loop) or "vllm"
@@ -171,7 +172,7 @@ def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict],
     stream = StreamConfig(first_chunk=cfg.first_chunk, lookahead=cfg.lookahead)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
     engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
-                                        backend=cfg.backend, vllm=_vllm_options(cfg)))
+                                        vocoder_dtype=cfg.vocoder_dtype, backend=cfg.backend, vllm=_vllm_options(cfg)))
     result: dict[str, Any] = {}
 
     async def clients() -> None:

@@ -93,7 +93,11 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--tts-tokens", type=int, default=250, help="semantic tokens per TTS request (50 per second)")
     p.add_argument("--asr-seconds", type=float, default=10.0, help="ASR input length")
     p.add_argument("--lookahead", type=int, default=None,
-                   help="streaming context after a chunk in frames (default: exact, the decoder's receptive field)")
+                   help="codes awaited after an audio chunk (default: exact, the decoder's full lookahead; "
+                        "fewer: lower latency, approximate chunk tails)")
+    p.add_argument("--first-chunk", type=int, default=5, help="frames (20 ms) in the first audio chunk")
+    p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="BiCodec decoding precision (default: as loaded, float32)")
     p.add_argument("--baseline-tokens", type=int, default=100,
                    help="tokens for the transformers generate baseline (0 skips it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -119,7 +123,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _check_vllm(args)
     cfg = BenchConfig(Path(args.model), concurrency=concurrency, tts_tokens=args.tts_tokens,
                       asr_seconds=args.asr_seconds, quantize=args.quantize, dtype=args.dtype,
-                      lookahead=args.lookahead, baseline_tokens=args.baseline_tokens, threads=args.threads,
+                      lookahead=args.lookahead, first_chunk=args.first_chunk, vocoder_dtype=args.vocoder_dtype,
+                      baseline_tokens=args.baseline_tokens, threads=args.threads,
                       backend=args.backend, vllm=vllm)
     print(json.dumps(run(cfg), indent=1))
     return 0
@@ -165,6 +170,8 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                    help="GPA checkpoint directory in the official layout (default: $GPA_MODEL)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
+    p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="BiCodec decoding precision (default: as loaded, float32; bfloat16 ~1.7x faster, ~30 dB SNR)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", default=None,
@@ -395,7 +402,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_clip_seconds=args.max_clip_seconds, max_text_chars=args.max_text_chars,
         max_concurrent=args.max_concurrent, request_timeout_s=args.request_timeout,
         engine=EngineConfig(max_slots=args.max_slots, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
-                            backend=args.backend, vllm=vllm),
+                            backend=args.backend, vllm=vllm, vocoder_dtype=args.vocoder_dtype),
         **{k: v for k, v in optional.items() if v is not None})
     model = load(args.model, device=args.device, quantize=args.quantize)
     serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)

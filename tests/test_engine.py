@@ -213,3 +213,16 @@ def test_decode_loop_on_the_calling_thread_gives_the_same_results(model, voice):
     got = audio_of(tts_events)
     assert len(got) == len(wav) and np.allclose(got - got.mean(), wav, atol=1e-5)
     assert asr_events[-1].text == model.asr(model_input, max_new_tokens=6)
+
+
+def test_vocoder_dtype_is_checked_and_applied(model):
+    with pytest.raises(ValueError, match="vocoder_dtype"):
+        EngineConfig(vocoder_dtype="float16")
+    engine = Engine(model, EngineConfig(vocoder_dtype="bfloat16"))
+    try:
+        engine.start()
+        assert model.bicodec.decode_dtype == torch.bfloat16
+    finally:
+        engine.shutdown()
+        model.bicodec.set_decode_dtype(torch.float32)
+    assert model.bicodec.decode_dtype == torch.float32

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from gpa.api import GPA, Audio, Voice
 from gpa.config import Task
 from gpa.engine.backend import BACKENDS, Backend, FinishReason, TorchBackend, VLLMOptions
@@ -24,6 +26,9 @@ from gpa.engine.streaming import AudioStreamer, StreamConfig, TextStreamer, rece
 from gpa.generation import GenerationRequest
 
 logger = logging.getLogger(__name__)
+
+
+VOCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,11 @@ class EngineConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     backend: str = "torch"  # "torch" (gpa's decode loop) or "vllm" (vLLM here, or a vLLM server: `vllm.url`)
     vllm: VLLMOptions | None = None  # how to start vLLM (backend "vllm" only)
+    vocoder_dtype: str | None = None  # BiCodec decoding: None (as loaded), float32 or bfloat16 (~1.7x faster, ~30 dB)
 
     def __post_init__(self) -> None:
+        if self.vocoder_dtype is not None and self.vocoder_dtype not in VOCODER_DTYPES:
+            raise ValueError(f"unknown vocoder_dtype {self.vocoder_dtype!r}; expected one of {tuple(VOCODER_DTYPES)}")
         if self.max_slots < 1 or self.max_seq_len < 2 or self.max_queue < 0:
             raise ValueError(f"invalid engine capacity: {self}")
         if self.backend not in BACKENDS:
@@ -188,8 +196,12 @@ class Engine:
         self.backend.run_here(ready)
 
     def _prepare_streaming(self) -> None:
+        if self.config.vocoder_dtype is not None:
+            self.model.bicodec.set_decode_dtype(VOCODER_DTYPES[self.config.vocoder_dtype])
         stream = self.config.stream
-        if self._field is None and (stream.left is None or stream.lookahead is None):
+        # Only the re-decode method (``stream.left`` set) needs the measured receptive field; the
+        # incremental decoder knows its own exact lookahead from its layers.
+        if self._field is None and stream.left is not None and stream.lookahead is None:
             self._field = receptive_field(self.model.bicodec)  # measured once, before any request
 
     def shutdown(self) -> None:
@@ -226,8 +238,7 @@ class Engine:
         if request.task is Task.ASR:
             live.text = TextStreamer(self.model.vocab)
         elif request.stream:
-            live.audio = AudioStreamer(self.model.bicodec, request.global_codes, self.config.stream,
-                                       self._field or 0)
+            live.audio = AudioStreamer(self.model.bicodec, request.global_codes, self.config.stream, self._field)
         self._admit_or_reject(live)
         return RequestStream(request.request_id, events, lambda: self._cancel(live))
 
