@@ -85,7 +85,7 @@ def measure(lm: torch.nn.Module, batch: int, args: argparse.Namespace) -> dict:
     switchable = hasattr(lm, "unfuse")  # False on code from before fused projections existed
     variants = {"fused": (True, False), "unfused": (False, False)} if switchable else {"as_is": (True, False)}
     if args.worker_thread:
-        variants["fused_worker_thread"] = (True, True)
+        variants["fused_worker_thread" if switchable else "as_is_worker_thread"] = (True, True)
     samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in variants}
     for _ in range(args.rounds):
         decoder, states = _decoder(lm, batch, args.prompt, args.steps * len(variants) + 2)
