@@ -46,7 +46,7 @@ def _require_eval_extra() -> None:
 @pytest.fixture(scope="module")
 def data(fixtures: Path) -> Path:
     """The real recordings: $GPA_DATA or the data folder beside the fixtures (../shared/data)."""
-    root = Path(os.environ.get("GPA_DATA", fixtures.parent / "data"))
+    root = Path(os.environ.get("GPA_DATA", fixtures.parent / "data")).resolve()  # manifests store resolved paths
     if not (root / "cathy").is_dir():
         raise FileNotFoundError(f"speech data not found under {root}; set GPA_DATA")
     return root
