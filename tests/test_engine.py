@@ -14,6 +14,7 @@ from gpa.engine import (
     AudioChunk,
     Engine,
     EngineConfig,
+    EngineError,
     EngineOverloaded,
     EngineRequest,
     Finished,
@@ -226,3 +227,20 @@ def test_vocoder_dtype_is_checked_and_applied(model):
         engine.shutdown()
         model.bicodec.set_decode_dtype(torch.float32)
     assert model.bicodec.decode_dtype == torch.float32
+
+
+def test_a_vocoder_failure_ends_that_request_only(model, voice, monkeypatch):
+    # Fault injection: the real streamer is made to fail on its first block (nothing else is faked).
+    def broken(self, codes):
+        raise RuntimeError("injected decoder fault")
+
+    async def main():
+        async with Engine(model, EngineConfig(max_slots=2)) as eng:
+            with monkeypatch.context() as m:
+                m.setattr(AudioStreamer, "push", broken)
+                with pytest.raises(EngineError, match="audio decoding failed: injected decoder fault"):
+                    await collect(await eng.tts("Hello there.", voice, **SAMPLED))
+            return await collect(await eng.tts("Hello there.", voice, **SAMPLED))
+
+    events = run(main())
+    assert isinstance(events[-1], Finished) and len(audio_of(events)) > 0

@@ -89,6 +89,7 @@ class _Live:
         self.audio: AudioStreamer | None = None
         self.codes: list[int] = []
         self.chunks = 0
+        self.failed = False  # audio decoding failed (reported once)
 
     def tokens(self, ids: list[int], finish_reason: FinishReason | None) -> None:
         self.engine._on_tokens(self, ids, finish_reason)
@@ -326,14 +327,19 @@ class Engine:
     # --- audio (vocoder thread) ---------------------------------------------------------------------
 
     def _push_audio(self, live: _Live, codes: list[int]) -> None:
-        if live.cancelled:
+        if live.cancelled or live.failed:
             return
-        semantic = self.model.vocab.semantic_codes(codes)
-        for samples in live.audio.push(semantic):
+        try:
+            chunks = live.audio.push(self.model.vocab.semantic_codes(codes))
+        except Exception as e:  # noqa: BLE001 - reported to the request (an executor would swallow it)
+            live.failed = True
+            live.emit(EngineError(f"audio decoding failed: {e}"))
+            return
+        for samples in chunks:
             self._emit_chunk(live, samples)
 
     def _finish_audio(self, live: _Live, reason: str) -> None:
-        if live.cancelled:
+        if live.cancelled or live.failed:
             return
         try:
             if live.audio is not None:
