@@ -244,3 +244,17 @@ def test_a_vocoder_failure_ends_that_request_only(model, voice, monkeypatch):
 
     events = run(main())
     assert isinstance(events[-1], Finished) and len(audio_of(events)) > 0
+
+
+def test_helper_threads_leave_the_callers_torch_threads_alone(model, voice):
+    before = torch.get_num_threads()
+
+    async def main():
+        async with Engine(model, EngineConfig(helper_threads=1)) as eng:
+            return await collect(await eng.tts("Hello there.", voice, **SAMPLED))
+
+    events = run(main())
+    assert isinstance(events[-1], Finished) and len(audio_of(events)) > 0
+    assert torch.get_num_threads() == before  # torch's thread count is per thread: only the helpers use 1
+    with pytest.raises(ValueError, match="helper_threads"):
+        EngineConfig(helper_threads=0)

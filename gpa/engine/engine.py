@@ -42,8 +42,14 @@ class EngineConfig:
     backend: str = "torch"  # "torch" (gpa's decode loop) or "vllm" (vLLM here, or a vLLM server: `vllm.url`)
     vllm: VLLMOptions | None = None  # how to start vLLM (backend "vllm" only)
     vocoder_dtype: str | None = None  # BiCodec decoding: None (as loaded), float32 or bfloat16 (~1.7x faster, ~30 dB)
+    # torch threads of the vocoder and prompt-preparation threads (None: torch's default). 1 keeps the
+    # decode loop the only OpenMP team (see _helper_threads): on 2 cores TTS c=1 RTF 2.64 -> 2.03 and
+    # first audio 3.8 -> 2.5 s, at the cost of c=8 (1.01x -> 0.84x real time) and ASR prep (RTF 0.95 -> 1.2).
+    helper_threads: int | None = 1
 
     def __post_init__(self) -> None:
+        if self.helper_threads is not None and self.helper_threads < 1:
+            raise ValueError(f"helper_threads must be >= 1 or None, got {self.helper_threads}")
         if self.vocoder_dtype is not None and self.vocoder_dtype not in VOCODER_DTYPES:
             raise ValueError(f"unknown vocoder_dtype {self.vocoder_dtype!r}; expected one of {tuple(VOCODER_DTYPES)}")
         if self.max_slots < 1 or self.max_seq_len < 2 or self.max_queue < 0:
@@ -73,6 +79,17 @@ def make_backend(model: GPA, config: EngineConfig) -> Backend:
     return VLLMBackend(model, config.vllm, config.max_slots, config.max_seq_len)
 
 
+def _helper_threads(n: int) -> None:
+    """Limit the calling helper thread's torch ops to ``n`` threads (torch's setting is per thread).
+
+    Every thread that runs a parallel torch op gets its own OpenMP team. With more OpenMP threads
+    alive than cores, libgomp stops spinning at barriers, and the decode loop's many small ops then
+    wait on wake-ups: one idle helper team slowed an int8 decode step from 28 to 53 ms here. With
+    the vocoder and prompt threads single-threaded, only the decode loop has a team.
+    """
+    torch.set_num_threads(n)
+
+
 class _Live:
     """Engine-side state of one request; the backend delivers its ids here (a TokenSink)."""
 
@@ -90,6 +107,7 @@ class _Live:
         self.codes: list[int] = []
         self.chunks = 0
         self.failed = False  # audio decoding failed (reported once)
+        self.streaming = False  # audio goes out in chunks as codes arrive
 
     def tokens(self, ids: list[int], finish_reason: FinishReason | None) -> None:
         self.engine._on_tokens(self, ids, finish_reason)
@@ -156,8 +174,9 @@ class Engine:
         self._pending = 0  # submitted but not yet finished (admission control)
         self._lock = threading.Lock()
         self._running = False
-        self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="gpa-vocoder")
-        self._prep = ThreadPoolExecutor(1, thread_name_prefix="gpa-prep")
+        init = (_helper_threads, (self.config.helper_threads,)) if self.config.helper_threads else (None, ())
+        self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="gpa-vocoder", initializer=init[0], initargs=init[1])
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="gpa-prep", initializer=init[0], initargs=init[1])
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -239,7 +258,7 @@ class Engine:
         if request.task is Task.ASR:
             live.text = TextStreamer(self.model.vocab)
         elif request.stream:
-            live.audio = AudioStreamer(self.model.bicodec, request.global_codes, self.config.stream, self._field)
+            live.streaming = True  # its AudioStreamer is made on the vocoder thread (see _helper_threads)
         self._admit_or_reject(live)
         return RequestStream(request.request_id, events, lambda: self._cancel(live))
 
@@ -292,7 +311,7 @@ class Engine:
                 live.emit(TextDelta(live.request.request_id, delta))
         elif ids:
             live.codes.extend(ids)
-            if live.audio is not None:
+            if live.streaming:
                 self._vocoder.submit(self._push_audio, live, ids)
         if reason is not None:
             self._complete(live, reason)
@@ -330,6 +349,9 @@ class Engine:
         if live.cancelled or live.failed:
             return
         try:
+            if live.audio is None:
+                live.audio = AudioStreamer(self.model.bicodec, live.request.global_codes, self.config.stream,
+                                           self._field)
             chunks = live.audio.push(self.model.vocab.semantic_codes(codes))
         except Exception as e:  # noqa: BLE001 - reported to the request (an executor would swallow it)
             live.failed = True
@@ -342,8 +364,8 @@ class Engine:
         if live.cancelled or live.failed:
             return
         try:
-            if live.audio is not None:
-                chunks = live.audio.finish()
+            if live.streaming:
+                chunks = live.audio.finish() if live.audio is not None else []
             elif live.codes:
                 chunks = [self.model._decode(live.codes, live.request.global_codes, remove_dc=False)[0]]
             else:
