@@ -79,15 +79,16 @@ def make_backend(model: GPA, config: EngineConfig) -> Backend:
     return VLLMBackend(model, config.vllm, config.max_slots, config.max_seq_len)
 
 
-def _helper_threads(n: int) -> None:
+def _helper_threads(n: int | None) -> None:
     """Limit the calling helper thread's torch ops to ``n`` threads (torch's setting is per thread).
 
     Every thread that runs a parallel torch op gets its own OpenMP team. With more OpenMP threads
     alive than cores, libgomp stops spinning at barriers, and the decode loop's many small ops then
     wait on wake-ups: one idle helper team slowed an int8 decode step from 28 to 53 ms here. With
-    the vocoder and prompt threads single-threaded, only the decode loop has a team.
+    the vocoder and prompt threads single-threaded, only the decode loop has a team. None: no limit.
     """
-    torch.set_num_threads(n)
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 class _Live:
@@ -107,7 +108,6 @@ class _Live:
         self.codes: list[int] = []
         self.chunks = 0
         self.failed = False  # audio decoding failed (reported once)
-        self.streaming = False  # audio goes out in chunks as codes arrive
 
     def tokens(self, ids: list[int], finish_reason: FinishReason | None) -> None:
         self.engine._on_tokens(self, ids, finish_reason)
@@ -174,9 +174,9 @@ class Engine:
         self._pending = 0  # submitted but not yet finished (admission control)
         self._lock = threading.Lock()
         self._running = False
-        init = (_helper_threads, (self.config.helper_threads,)) if self.config.helper_threads else (None, ())
-        self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="gpa-vocoder", initializer=init[0], initargs=init[1])
-        self._prep = ThreadPoolExecutor(1, thread_name_prefix="gpa-prep", initializer=init[0], initargs=init[1])
+        helpers = {"initializer": _helper_threads, "initargs": (self.config.helper_threads,)}
+        self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="gpa-vocoder", **helpers)
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="gpa-prep", **helpers)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -199,9 +199,9 @@ class Engine:
 
         ``on_ready`` is called once the engine accepts requests (e.g. to start the asyncio thread).
 
-        On CPU, torch's kernels run markedly faster on a process's main thread than on a worker
-        thread (measured 30 vs 56 ms per decode step here), so a program that can give the main
-        thread to the engine, with its asyncio loop on another thread, should call this there.
+        On CPU, torch's kernels ran faster on the process's main thread than on a worker thread here
+        (30 vs 56 ms per decode step; OpenMP teams, see ``_helper_threads``), so a program that can give
+        the main thread to the engine, with its asyncio loop on another thread, should call this there.
         (The vLLM backend decodes in its own processes; it just waits here.)
         """
         if self._running:
@@ -257,8 +257,6 @@ class Engine:
         live = _Live(self, request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), generation)
         if request.task is Task.ASR:
             live.text = TextStreamer(self.model.vocab)
-        elif request.stream:
-            live.streaming = True  # its AudioStreamer is made on the vocoder thread (see _helper_threads)
         self._admit_or_reject(live)
         return RequestStream(request.request_id, events, lambda: self._cancel(live))
 
@@ -311,7 +309,7 @@ class Engine:
                 live.emit(TextDelta(live.request.request_id, delta))
         elif ids:
             live.codes.extend(ids)
-            if live.streaming:
+            if live.request.stream:  # its AudioStreamer is made on the vocoder thread (see _helper_threads)
                 self._vocoder.submit(self._push_audio, live, ids)
         if reason is not None:
             self._complete(live, reason)
@@ -364,7 +362,7 @@ class Engine:
         if live.cancelled or live.failed:
             return
         try:
-            if live.streaming:
+            if live.request.stream:
                 chunks = live.audio.finish() if live.audio is not None else []
             elif live.codes:
                 chunks = [self.model._decode(live.codes, live.request.global_codes, remove_dc=False)[0]]
