@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpa.codecs.mel import slaney_filterbank
+from gpa.config import require_fields
 from gpa.weights import CheckpointError, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,10 @@ class HiFiGANConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> HiFiGANConfig:
         """From :meth:`to_dict` output (lists become tuples); unknown keys are an error."""
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise CheckpointError(f"unknown HiFi-GAN config keys {unknown}; "
-                                  f"expected {sorted(cls.__dataclass_fields__)}")
+        try:
+            require_fields(cls, raw, "HiFi-GAN config keys")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         fixed = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
                  for k, v in raw.items()}
         return cls(**fixed)

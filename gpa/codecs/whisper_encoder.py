@@ -28,6 +28,7 @@ from torch import nn
 from gpa.codecs.ct2 import dequantize, read_ct2
 from gpa.codecs.glm import EncoderLayer
 from gpa.codecs.whisper_features import LogMel, WhisperFeatureConfig
+from gpa.config import require_fields
 from gpa.weights import CheckpointError, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,10 @@ class WhisperEncoderConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> WhisperEncoderConfig:
         """Build from :meth:`to_dict` output; unknown keys are an error."""
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise CheckpointError(f"unknown Whisper encoder config keys {unknown}; "
-                                  f"expected {sorted(cls.__dataclass_fields__)}")
+        try:
+            require_fields(cls, raw, "Whisper encoder config keys")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         return cls(**raw)
 
     def to_dict(self) -> dict:
