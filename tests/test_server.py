@@ -380,8 +380,9 @@ def test_full_queue_is_429_or_503_and_disconnects_free_slots(model, voices_dir, 
             h.post("/v1/audio/speech", json=body, timeout=0.5)
         wait_idle(h)
 
-        # the request timeout ends a generation that runs too long
-        r = h.post("/v1/audio/speech", json=body)
+        # the request timeout ends a generation that runs too long (3500 tokens: the decode fast path
+        # can finish 1500 tiny-model tokens within the 1.5 s timeout)
+        r = h.post("/v1/audio/speech", json={**body, "max_new_tokens": 3500})
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
         wait_idle(h)
         assert h.post("/v1/audio/speech", json={**body, "max_new_tokens": 5}).status_code == 200
