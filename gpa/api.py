@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gpa.audio import AudioInput, load_audio
-from gpa.checkpoint import Checkpoint, load_lm
+from gpa.checkpoint import Checkpoint, load_codecs, load_lm
 from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
 from gpa.config import DEFAULT_SAMPLING, SamplingParams, Task
@@ -80,12 +80,11 @@ class GPA:
         ckpt = Checkpoint.open(path)
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        glm = GLMTokenizer.from_dir(ckpt.glm, device=device)
+        bicodec, glm = load_codecs(ckpt, device=device)
         vocab = Vocab.from_dir(ckpt.root, glm_codebook_size=glm.codebook_size)
         lm = load_lm(ckpt, device=device, dtype=dtype, quantize=quantize)
         if lm.config.vocab_size < vocab.size:
             raise ValueError(f"{ckpt.llm_config}: vocab_size {lm.config.vocab_size} < tokenizer size {vocab.size}")
-        bicodec = BiCodec.from_dir(ckpt.bicodec, device=device)
         return cls(lm, vocab, bicodec, glm)
 
     # --- options ----------------------------------------------------------------------------------

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from gpa.codecs.bicodec import BiCodec
+from gpa.codecs.glm import GLMTokenizer
+from gpa.codecs.nano import NanoASRTokenizer, NanoCodec
 from gpa.config import ModelConfig
 from gpa.model import GPALM
 from gpa.quant import QUANT_MODES, quantize_int8
@@ -18,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Paths of an official GPA checkpoint directory."""
+    """Paths of a GPA checkpoint directory: the official layout, or GPA-nano's (``nano-codec/`` instead of
+    ``BiCodec/`` and ``glm-4-voice-tokenizer/``)."""
 
     root: Path
 
@@ -42,9 +47,25 @@ class Checkpoint:
     def glm(self) -> Path:
         return self.root / "glm-4-voice-tokenizer"
 
+    @property
+    def nano_codec(self) -> Path:
+        return self.root / "nano-codec"
+
+    @property
+    def kind(self) -> str:
+        """"nano" when the directory holds a GPA-nano codec (``nano-codec/``), else "official"."""
+        return "nano" if (self.nano_codec / "config.json").is_file() else "official"
+
+    def codec_dirs(self) -> list[Path]:
+        """The codec directories a copy of this checkpoint needs."""
+        return [self.nano_codec] if self.kind == "nano" else [self.bicodec, self.glm]
+
     def required_files(self) -> list[Path]:
+        common = [self.llm_config, self.llm_weights, self.tokenizer]
+        if self.kind == "nano":
+            return [*common, self.nano_codec / "config.json", self.nano_codec / "model.safetensors"]
         return [
-            self.llm_config, self.llm_weights, self.tokenizer,
+            *common,
             self.bicodec / "config.yaml", self.bicodec / "model.safetensors",
             self.bicodec / "wav2vec2-large-xlsr-53" / "config.json",
             self.bicodec / "wav2vec2-large-xlsr-53" / "model.safetensors",
@@ -62,6 +83,20 @@ class Checkpoint:
         if missing:
             raise CheckpointError(f"{root} is not a complete GPA checkpoint; missing: {', '.join(missing)}")
         return ckpt
+
+
+def load_codecs(ckpt: Checkpoint, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """The checkpoint's speech codec (BiCodec's role) and ASR tokenizer (GLM-4-Voice's role).
+
+    Official checkpoints give (:class:`~gpa.codecs.bicodec.BiCodec`, :class:`~gpa.codecs.glm.GLMTokenizer`);
+    GPA-nano gives (:class:`~gpa.codecs.nano.NanoCodec`, :class:`~gpa.codecs.nano.NanoASRTokenizer`),
+    which offer the same methods.
+    """
+    if ckpt.kind == "nano":
+        codec = NanoCodec.from_dir(ckpt.nano_codec, device=device)
+        return codec, NanoASRTokenizer(codec)
+    glm = GLMTokenizer.from_dir(ckpt.glm, device=device)
+    return BiCodec.from_dir(ckpt.bicodec, device=device), glm
 
 
 def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

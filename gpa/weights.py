@@ -100,3 +100,41 @@ def load_strict(
         raise CheckpointError(f"{source} does not match {type(module).__name__}: " + " | ".join(problems))
     module.load_state_dict({k: state[k] for k in own}, strict=True)
     logger.debug("loaded %d tensors from %s into %s", len(own), source, type(module).__name__)
+
+
+INT8_SCALE = ".int8_scale"  # suffix of the per-row scale stored beside an int8 matrix
+
+
+def pack_int8(state: Mapping[str, torch.Tensor], min_numel: int = 16384,
+              skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Store large float matrices as int8 with one float32 scale per row (dim 0), for smaller files.
+
+    A tensor with at least 2 dims and ``min_numel`` elements, whose name starts with no prefix in
+    ``skip``, becomes ``name`` (int8, same shape) plus ``name + INT8_SCALE`` (float32, shape (rows, 1, ...)).
+    Rounding error: at most half a step, i.e. max|row| / 254 per element.
+    """
+    skip = tuple(skip)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if t.is_floating_point() and t.dim() >= 2 and t.numel() >= min_numel and not name.startswith(skip):
+            x = t.float()
+            scale = x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-12) / 127
+            out[name] = torch.round(x / scale).clamp(-127, 127).to(torch.int8).contiguous()
+            out[name + INT8_SCALE] = scale.contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def unpack_int8(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Undo :func:`pack_int8`: int8 tensors with a scale become float32; a lone scale or int8 is an error."""
+    out = {k: v for k, v in state.items() if not k.endswith(INT8_SCALE)}
+    for key in (k for k in state if k.endswith(INT8_SCALE)):
+        name = key[: -len(INT8_SCALE)]
+        if name not in state or state[name].dtype != torch.int8:
+            raise CheckpointError(f"{source}: {key} has no int8 tensor {name} beside it")
+        out[name] = state[name].float() * state[key].float()
+    lone = [k for k, v in out.items() if v.dtype == torch.int8]
+    if lone:
+        raise CheckpointError(f"{source}: int8 tensors without a scale: {_listing(lone)}")
+    return out

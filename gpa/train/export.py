@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from gpa.checkpoint import Checkpoint
 from gpa.codecs.glm import GLMConfig
+from gpa.codecs.nano import NanoCodecConfig
 from gpa.config import ModelConfig
 from gpa.train.config import TrainConfig
 from gpa.train.lora import merge_lora
@@ -110,13 +111,15 @@ def export(checkpoint: str | Path, out_dir: str | Path, source: str | Path | Non
     for name in TOKENIZER_FILES:
         if (src.root / name).is_file():
             shutil.copyfile(src.root / name, tmp / name)
-    _copy_dir(src.bicodec, tmp / src.bicodec.name, link)
-    _copy_dir(src.glm, tmp / src.glm.name, link)
+    for codec_dir in src.codec_dirs():
+        _copy_dir(codec_dir, tmp / codec_dir.name, link)
     os.replace(tmp, out)
     logger.info("exported %s (step %d) to %s", ckpt, meta["step"], out)
     return out
 
 
 def _glm_codebook_size(ckpt: Checkpoint) -> int:
+    if ckpt.kind == "nano":
+        return NanoCodecConfig.from_dict(json.loads((ckpt.nano_codec / "config.json").read_text())).asr_codebook_size
     path = ckpt.glm / "config.json"
     return GLMConfig.from_dict(json.loads(path.read_text()), str(path)).codebook_size

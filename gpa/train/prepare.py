@@ -8,6 +8,7 @@ passed to ``gpa.load(...).asr((segment, 16000))``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -21,9 +22,7 @@ import torch
 from tqdm import tqdm
 
 from gpa.audio import SAMPLE_RATE, AudioError, load_audio
-from gpa.checkpoint import Checkpoint
-from gpa.codecs.bicodec import BiCodec
-from gpa.codecs.glm import GLMTokenizer
+from gpa.checkpoint import Checkpoint, load_codecs
 from gpa.config import ModelConfig, Task
 from gpa.train import shards
 from gpa.train.config import PrepareConfig
@@ -35,6 +34,7 @@ from gpa.vocab import Vocab
 logger = logging.getLogger(__name__)
 
 MIN_SAMPLES = 400  # 25 ms: the shortest input wav2vec2 (BiCodec's content encoder) accepts
+CODE_CACHE = 200_000  # (stream, audio) code entries kept during one run
 END_TOLERANCE_S = 0.05  # an end_time this far past the end of the file is clamped, further is an error
 
 
@@ -53,10 +53,15 @@ class Codecs:
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
         self.ckpt = Checkpoint.open(checkpoint)
-        self.glm = GLMTokenizer.from_dir(self.ckpt.glm, device=device)
+        self.bicodec, self.glm = load_codecs(self.ckpt, device=device)
         self.vocab = Vocab.from_dir(self.ckpt.root, glm_codebook_size=self.glm.codebook_size)
-        self.bicodec = BiCodec.from_dir(self.ckpt.bicodec, device=device)
         self.lm_vocab_size = ModelConfig.from_hf(self.ckpt.llm_config).vocab_size
+        self.cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # (stream, audio sha1) -> codes
+
+    def remember(self, key: tuple[str, str], codes: torch.Tensor) -> None:
+        self.cache[key] = codes
+        while len(self.cache) > CODE_CACHE:
+            self.cache.popitem(last=False)
 
 
 @dataclass
@@ -123,9 +128,15 @@ def encode_batch(items: list[Loaded], codecs: Codecs, batch_size: int) -> list[d
 
     def run(stream: str, encode: Any, inputs: list[np.ndarray]) -> None:
         rows = [i for i, n in enumerate(need) if stream in n]
-        if rows:
-            for i, codes in zip(rows, encode([inputs[i] for i in rows]), strict=True):
-                out[i][stream] = torch.as_tensor(codes).reshape(-1).cpu()
+        # The same audio recurs across records (an utterance is an ASR input, a TTS target, a VC
+        # target and another record's reference): each is encoded once per stream and run.
+        keys = {i: (stream, hashlib.sha1(np.ascontiguousarray(inputs[i]).tobytes()).hexdigest()) for i in rows}
+        todo = [i for i in rows if keys[i] not in codecs.cache]
+        if todo:
+            for i, codes in zip(todo, encode([inputs[i] for i in todo]), strict=True):
+                codecs.remember(keys[i], torch.as_tensor(codes).reshape(-1).cpu())
+        for i in rows:
+            out[i][stream] = codecs.cache[keys[i]]
 
     run("glm", lambda w: codecs.glm.encode(w, batch_size=batch_size), [it.raw for it in items])
     run("semantic", codecs.bicodec.encode_semantic, [it.normed for it in items])
