@@ -1,7 +1,7 @@
 """gpa: GPA (General-Purpose Audio) — ASR, zero-shot TTS and voice conversion with one transformer.
 
     import gpa
-    model = gpa.load("path/to/GPA-0.3B-preview")
+    model = gpa.load()  # $GPA_MODEL, else the bundled GPA-nano; or gpa.load("path/to/GPA-0.3B-preview")
     text = model.asr("speech.wav")
     wav, sr = model.tts("Hello there.", reference="voice.wav")
     wav, sr = model.vc("source.wav", reference="voice.wav")

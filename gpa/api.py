@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gpa.audio import AudioInput, load_audio
-from gpa.checkpoint import Checkpoint, load_codecs, load_lm
+from gpa.checkpoint import Checkpoint, load_codecs, load_lm, resolve_model
 from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
 from gpa.config import DEFAULT_SAMPLING, SamplingParams, Task
@@ -219,7 +219,8 @@ class GPA:
         return (wav - wav.mean() if remove_dc else wav).astype(np.float32), self.sample_rate
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+def load(path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          quantize: str = "none") -> GPA:
-    """Load a GPA checkpoint directory (see :meth:`GPA.from_dir`)."""
-    return GPA.from_dir(path, device=device, dtype=dtype, quantize=quantize)
+    """Load a GPA checkpoint directory (see :meth:`GPA.from_dir`); no ``path``: ``$GPA_MODEL``, else the
+    bundled GPA-nano (:func:`gpa.checkpoint.resolve_model`)."""
+    return GPA.from_dir(resolve_model(path), device=device, dtype=dtype, quantize=quantize)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,24 @@ from gpa.quant import QUANT_MODES, quantize_int8
 from gpa.weights import CheckpointError, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL = Path(__file__).parent / "models" / "gpa-nano"  # the default model, shipped in the package
+
+
+def resolve_model(path: str | Path | None) -> Path:
+    """The checkpoint directory to load: ``path`` when given, else ``$GPA_MODEL``, else the bundled GPA-nano.
+
+    Only the choice is made here; :meth:`Checkpoint.open` checks that the directory is complete.
+    """
+    if path is not None and str(path).strip():
+        return Path(path).expanduser()
+    env = os.environ.get("GPA_MODEL", "").strip()
+    if env:
+        return Path(env).expanduser()
+    if BUNDLED_MODEL.is_dir():
+        return BUNDLED_MODEL
+    raise CheckpointError(f"no model given, and the bundled GPA-nano is not installed at {BUNDLED_MODEL}: "
+                          f"pass --model DIR (a GPA checkpoint directory) or set GPA_MODEL")
 
 
 @dataclass(frozen=True)

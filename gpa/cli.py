@@ -17,6 +17,7 @@ from gpa.audio import AudioError, save_audio
 
 logger = logging.getLogger("gpa")
 
+MODEL_HELP = "GPA checkpoint directory (default: $GPA_MODEL, else the bundled GPA-nano)"
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed")
 
 
@@ -25,8 +26,7 @@ class CLIError(Exception):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=os.environ.get("GPA_MODEL"),
-                   help="GPA checkpoint directory in the official layout (default: $GPA_MODEL)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature; 0 is greedy (default: task's)")
@@ -85,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     """``gpa bench``: engine speed beside a transformers baseline (its logic lives in gpa.bench)."""
     p = sub.add_parser("bench", help="measure TTS/ASR speed and print one JSON object", formatter_class=fmt)
-    p.add_argument("--model", default=os.environ.get("GPA_MODEL"),
-                   help="checkpoint directory (e.g. a random-weight one with the official shapes)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM dtype")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated TTS concurrencies")
@@ -112,16 +111,15 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from gpa.bench import BenchConfig, run
 
-    if not args.model:
-        raise CLIError("no model given: pass --model DIR or set GPA_MODEL")
+    model = _model_dir(args.model)
     try:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
         raise CLIError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
-    vllm = _vllm_options(args, args.model)
+    vllm = _vllm_options(args, str(model))
     if vllm is not None:
         _check_vllm(args)
-    cfg = BenchConfig(Path(args.model), concurrency=concurrency, tts_tokens=args.tts_tokens,
+    cfg = BenchConfig(model, concurrency=concurrency, tts_tokens=args.tts_tokens,
                       asr_seconds=args.asr_seconds, quantize=args.quantize, dtype=args.dtype,
                       lookahead=args.lookahead, first_chunk=args.first_chunk, vocoder_dtype=args.vocoder_dtype,
                       baseline_tokens=args.baseline_tokens, threads=args.threads,
@@ -135,8 +133,8 @@ def _add_training(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     prep = sub.add_parser("prepare", help="tokenize training manifests into shards", formatter_class=fmt)
     prep.add_argument("manifests", nargs="+", help="authors' .jsonl manifests and/or 'audio|text' lists")
     prep.add_argument("-o", "--out-dir", required=True, help="output directory (re-running resumes it)")
-    prep.add_argument("--checkpoint", default=os.environ.get("GPA_MODEL"),
-                      help="GPA checkpoint whose tokenizers are used ($GPA_MODEL when not given)")
+    prep.add_argument("--checkpoint", default=None,
+                      help="GPA checkpoint whose tokenizers are used (default: $GPA_MODEL, else the bundled GPA-nano)")
     prep.add_argument("--list-tasks", default="asr,tts", help="tasks an 'audio|text' line is used for")
     prep.add_argument("--shard-size", type=int, default=256, help="manifest lines per shard")
     prep.add_argument("--batch-size", type=int, default=8, help="waveforms per codec call")
@@ -166,8 +164,7 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     """``gpa serve``: the OpenAI-compatible HTTP server (its logic lives in gpa.server)."""
     p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (needs the 'server' extra)",
                        formatter_class=fmt)
-    p.add_argument("--model", default=os.environ.get("GPA_MODEL"),
-                   help="GPA checkpoint directory in the official layout (default: $GPA_MODEL)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
     p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
@@ -296,12 +293,22 @@ def _run_each(items: list[str], work: Callable[[str], None], progress: bool) -> 
     return failures
 
 
+def _model_dir(path: str | None) -> Path:
+    """--model, else $GPA_MODEL, else the bundled GPA-nano; none of them is a usage error."""
+    from gpa.checkpoint import resolve_model
+    from gpa.weights import CheckpointError
+
+    try:
+        return resolve_model(path)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from e
+
+
 def _load_model(args: argparse.Namespace) -> Any:
-    if not args.model:
-        raise CLIError("no model given: pass --model DIR (a GPA checkpoint directory) or set GPA_MODEL")
+    model = _model_dir(args.model)
     from gpa.api import load
 
-    return load(args.model, device=args.device)
+    return load(model, device=args.device)
 
 
 def cmd_asr(args: argparse.Namespace) -> int:
@@ -356,9 +363,7 @@ def cmd_vc(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gpa.train import PrepareConfig, prepare
 
-    if not args.checkpoint:
-        raise CLIError("no checkpoint given: pass --checkpoint DIR (whose tokenizers to use) or set GPA_MODEL")
-    cfg = PrepareConfig(args.checkpoint, tuple(args.manifests), str(args.out_dir),
+    cfg = PrepareConfig(str(_model_dir(args.checkpoint)), tuple(args.manifests), str(args.out_dir),
                         tuple(t.strip() for t in args.list_tasks.split(",") if t.strip()), args.shard_size,
                         args.batch_size, args.max_seconds, args.max_tokens, args.device)
     report = prepare(cfg, progress=not args.no_progress)
@@ -390,21 +395,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gpa.api import load
     from gpa.engine import EngineConfig
 
-    if not args.model:
-        raise CLIError("no model given: pass --model DIR (a GPA checkpoint directory) or set GPA_MODEL")
-    vllm = _vllm_options(args, args.model)
+    model_dir = _model_dir(args.model)
+    vllm = _vllm_options(args, str(model_dir))
     if vllm is not None and vllm.url is None:
         _check_vllm(args)
     optional = {"voices_dir": args.voices_dir, "api_key": args.api_key}
     settings = ServerSettings(
-        model_name=args.served_model_name or Path(args.model).resolve().name,
+        model_name=args.served_model_name or model_dir.resolve().name,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_audio_seconds=args.max_audio_seconds,
         max_clip_seconds=args.max_clip_seconds, max_text_chars=args.max_text_chars,
         max_concurrent=args.max_concurrent, request_timeout_s=args.request_timeout,
         engine=EngineConfig(max_slots=args.max_slots, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
                             backend=args.backend, vllm=vllm, vocoder_dtype=args.vocoder_dtype),
         **{k: v for k, v in optional.items() if v is not None})
-    model = load(args.model, device=args.device, quantize=args.quantize)
+    model = load(model_dir, device=args.device, quantize=args.quantize)
     serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

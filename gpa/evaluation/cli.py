@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +27,8 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     """Add the ``eval`` subcommand to ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("eval", help="evaluate a checkpoint (ASR, TTS, VC) with independent judges "
                        "(needs the 'eval' extra)", formatter_class=fmt)
-    p.add_argument("--model", default=os.environ.get("GPA_MODEL"),
-                   help="GPA checkpoint directory (default: $GPA_MODEL)")
+    p.add_argument("--model", default=None,
+                   help="GPA checkpoint directory (default: $GPA_MODEL, else the bundled GPA-nano)")
     p.add_argument("--judges-only", action="store_true",
                    help="no model (--model is ignored): only the judges' scores on the recordings (ground-truth rows)")
     p.add_argument("--manifest", action="append", type=Path, required=True,
@@ -98,8 +97,14 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.judges_only:
         args.model = None  # the judges alone, whatever $GPA_MODEL says
-    elif not args.model:
-        raise UsageError("no model: pass --model DIR (or set GPA_MODEL), or --judges-only to score the recordings")
+    else:
+        from gpa.checkpoint import resolve_model
+        from gpa.weights import CheckpointError
+
+        try:
+            args.model = resolve_model(args.model)
+        except CheckpointError as e:
+            raise UsageError(f"{e}; or --judges-only to score the recordings") from e
     try:
         spec = _spec(args)
     except ValueError as e:
