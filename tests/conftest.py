@@ -74,3 +74,40 @@ def official_dir(fixtures: Path) -> Path:
         subprocess.run([sys.executable, str(tool), str(cache), str(fixtures)], check=True)
         marker.touch()
     return cache
+
+
+NANO_TEXTS = ("How much was it.", "Does that look good.", "Shall I carry you.", "You were engaged.",
+              "Author of the danger trail.", "Hello there.")
+
+
+@pytest.fixture(scope="session")
+def nano_config():
+    """A tiny GPA-nano codec config (random weights build in well under a second)."""
+    from gpa.codecs.hifigan import HiFiGANConfig
+    from gpa.codecs.nano import NanoCodecConfig
+    from gpa.codecs.whisper_encoder import WhisperEncoderConfig
+
+    # decoder_dim 64 makes the ConvNeXt MLPs large enough (64 x 256) to be stored as int8 by save().
+    return NanoCodecConfig(semantic_codebook_size=64, asr_codebook_size=32, fsq_levels=(4, 4, 4), speaker_dim=32,
+                           speaker_vector=32, decoder_dim=64, semantic_layer=1,
+                           whisper=WhisperEncoderConfig(d_model=64, n_heads=2, ffn_dim=128, n_layers=2),
+                           vocoder=HiFiGANConfig(upsample_initial_channel=16))
+
+
+@pytest.fixture(scope="session")
+def nano_dir(tmp_path_factory, nano_config) -> Path:
+    """A complete GPA-nano checkpoint with random weights: tiny nano codec, BPE tokenizer, "tiny" LLM."""
+    from gpa.codecs.nano import NanoCodec
+    from gpa.train.seed import seed_checkpoint
+    from gpa.train.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("nano")
+    torch.manual_seed(0)
+    codec = NanoCodec(nano_config)
+    with torch.no_grad():
+        for km in (codec.semantic_kmeans, codec.asr_kmeans):
+            km.centroids.copy_(torch.randn_like(km.centroids))
+    codec.save(root / "nano-codec")
+    tok = build_tokenizer(NANO_TEXTS * 4, 300, nano_config.asr_codebook_size, nano_config.global_codebook_size,
+                          nano_config.semantic_codebook_size)
+    return seed_checkpoint(root / "gpa-nano-tiny", [root / "nano-codec"], tok, "tiny")
