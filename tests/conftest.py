@@ -12,7 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import gpa.checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL = gpa.checkpoint.BUNDLED_MODEL  # the real one; tests see a missing one (_no_bundled_model)
 
 
 def fixtures_root() -> Path:
@@ -111,3 +114,20 @@ def nano_dir(tmp_path_factory, nano_config) -> Path:
     tok = build_tokenizer(NANO_TEXTS * 4, 300, nano_config.asr_codebook_size, nano_config.global_codebook_size,
                           nano_config.semantic_codebook_size)
     return seed_checkpoint(root / "gpa-nano-tiny", [root / "nano-codec"], tok, "tiny")
+
+
+@pytest.fixture(autouse=True)
+def _no_bundled_model(monkeypatch, tmp_path_factory):
+    """Every test runs as if GPA-nano were not bundled, so a test without --model / GPA_MODEL gets the
+    usage error whether or not gpa/models/gpa-nano is installed (and never loads, or serves, it by
+    accident). A test of the bundled model itself takes the ``bundled_model`` fixture."""
+    monkeypatch.setattr(gpa.checkpoint, "BUNDLED_MODEL", tmp_path_factory.getbasetemp() / "no-bundled-model")
+
+
+@pytest.fixture
+def bundled_model(_no_bundled_model, monkeypatch) -> Path:
+    """The GPA-nano shipped in the package (gpa/models/gpa-nano), restored as the default model."""
+    if not BUNDLED_MODEL.is_dir():
+        pytest.fail(f"the bundled model is missing: {BUNDLED_MODEL}")
+    monkeypatch.setattr(gpa.checkpoint, "BUNDLED_MODEL", BUNDLED_MODEL)
+    return BUNDLED_MODEL
