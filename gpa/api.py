@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpa.audio import AudioInput, load_audio
+from gpa.audio import SAMPLE_RATE, AudioInput, load_audio
 from gpa.checkpoint import Checkpoint, load_codecs, load_lm, resolve_model
 from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
@@ -140,7 +140,7 @@ class GPA:
         """ASR prompts: GLM reads the audio at its own level (as the authors feed it), BiCodec the
         volume-normalised audio it was trained on."""
         raw = [_load(a, normalize=False, what=f"audio {i}") for i, a in enumerate(audios)]
-        normed = [_load((w, self.sample_rate), normalize=True, what=f"audio {i}") for i, w in enumerate(raw)]
+        normed = [_load((w, SAMPLE_RATE), normalize=True, what=f"audio {i}") for i, w in enumerate(raw)]
         glm_codes = self.glm.encode(raw)
         semantic = self.bicodec.encode_semantic(normed)
         return [asr_prompt(self.vocab, g, s) for g, s in zip(glm_codes, semantic, strict=True)]

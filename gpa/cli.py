@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub, fmt)
     from gpa.corpus import cli as corpus_cli  # light imports only (numpy, soundfile, soxr)
     from gpa.evaluation import cli as eval_cli  # the judges load on first use, not here
+    from gpa.train import recipe_cli  # the recipe's modules load when it runs
 
     corpus_cli.add_parser(sub, fmt)
     eval_cli.add_parser(sub, fmt)
+    recipe_cli.add_parser(sub, fmt)
     return parser
 
 
@@ -425,6 +427,9 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
         return run
     if name == "eval":
         from gpa.evaluation.cli import run
+        return run
+    if name == "recipe":
+        from gpa.train.recipe_cli import run
         return run
     return COMMANDS[name]
 

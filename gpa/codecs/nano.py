@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,14 @@ import numpy as np
 import soxr
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from gpa.audio import volume_normalize
 from gpa.codecs.hifigan import HiFiGAN, HiFiGANConfig, MelSpectrogram
 from gpa.codecs.whisper_encoder import WhisperEncoder, WhisperEncoderConfig, log_mel
 from gpa.config import require_fields
-from gpa.weights import CheckpointError, load_strict, read_safetensors, unpack_int8
+from gpa.weights import CheckpointError, load_strict, pack_int8, read_safetensors, unpack_int8
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class NanoCodecConfig:
     mel_kernel: int = 7  # depthwise kernel at the mel rate
     whisper: WhisperEncoderConfig = field(default_factory=WhisperEncoderConfig)
     vocoder: HiFiGANConfig = field(default_factory=HiFiGANConfig)
+    context: int = 0  # codes of reach on each side of a code (written by NanoCodec.save; 0: measure on first use)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> NanoCodecConfig:
@@ -272,7 +274,7 @@ class NanoCodec(nn.Module):
         self.vocoder = HiFiGAN(c.vocoder)
         self.mel = MelSpectrogram(c.vocoder)
         self._decode_dtype = torch.float32
-        self._context: int | None = None
+        self._context: int | None = config.context or None
         # ASR and semantic codes of one utterance come from one encoder pass: the last few
         # waveforms' features are kept, keyed by content.
         self._features: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -335,12 +337,9 @@ class NanoCodec(nn.Module):
 
     def save(self, path: str | Path, int8: bool = True) -> None:
         """Write ``config.json`` and ``model.safetensors`` (large matrices int8 when ``int8``)."""
-        from safetensors.torch import save_file
-
-        from gpa.weights import pack_int8
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        self.config = replace(self.config, context=self._measure_context())  # structural: weights do not change it
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         keep = ("semantic_kmeans.", "asr_kmeans.", "decoder.mel_table")  # distances need full precision
         state = pack_int8(state, skip=keep) if int8 else state
@@ -472,7 +471,8 @@ class NanoCodec(nn.Module):
 
     @property
     def context(self) -> int:
-        """Codes on each side that can influence a code's samples (structural, found by autograd once)."""
+        """Codes on each side that can influence a code's samples (structural, found by autograd and
+        stored in the config by :meth:`save`; measured here only for a codec that was never saved)."""
         if self._context is None:
             self._context = self._measure_context()
         return self._context

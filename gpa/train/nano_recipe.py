@@ -1,0 +1,192 @@
+"""``gpa recipe nano``: rebuild GPA-nano from nothing but packages (corpus, codec, tokenizer, LLM, bundle).
+
+Every step writes its own folder under ``OUT`` and is skipped when that folder is complete, so an
+interrupted run resumes where it stopped (the LLM run resumes from its newest checkpoint)::
+
+    OUT/corpus/            gpa corpus (Debian/PyPI voices + shared/data recordings)
+    OUT/codec/pretrained   Whisper tiny.en encoder + HiFi-GAN universal, converted to safetensors
+    OUT/codec/features-*   encoder features on both code grids + vocoder log-mel targets
+    OUT/codec/kmeans       semantic and ASR codebooks
+    OUT/codec/speaker      token decoder + speaker encoder, jointly trained
+    OUT/codec/final        the decoder trained further with the speaker encoder frozen
+    OUT/seed               tokenizer + LLM config at initial weights + the codec (for gpa prepare)
+    OUT/data               gpa prepare of the corpus' train_gpa.jsonl
+    OUT/run                gpa train from scratch
+    OUT/gpa-nano           the bundle: LLM (float16) + final codec (int8 matrices) + tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpa.codecs.nano import NanoCodec, NanoCodecConfig
+from gpa.corpus.build import CorpusConfig, build_corpus
+from gpa.train.config import PrepareConfig, TrainConfig
+from gpa.train.export import export
+from gpa.train.nano_codec import (
+    DecoderTraining,
+    Features,
+    Utterance,
+    extract,
+    pretrained_codec,
+    set_kmeans,
+    train_decoder,
+)
+from gpa.train.prepare import prepare
+from gpa.train.seed import seed_checkpoint
+from gpa.train.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NanoRecipe:
+    """Everything that shapes GPA-nano; the defaults are what the bundled model was built with."""
+
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(sentences=1500, workers=2))
+    corpus_dir: str = ""  # an existing corpus folder to use instead of building OUT/corpus
+    codec: NanoCodecConfig = field(default_factory=lambda: NanoCodecConfig(decoder_dim=192))
+    codec_utterances_per_voice: int = 400  # synthetic utterances per seen voice for codec training (+ all real)
+    workers: int = 2  # processes for feature extraction
+    speaker_minutes: float = 18.0  # joint decoder + speaker encoder training
+    decoder_minutes: float = 20.0  # decoder alone, speaker encoder frozen
+    text_vocab: int = 1024  # byte-level BPE ids (including the 256 bytes)
+    model: str = "small"  # LLM preset (gpa.train.config.MODEL_PRESETS) or ModelConfig JSON
+    train: dict[str, Any] = field(default_factory=lambda: dict(
+        batch_size=32, lr=1.5e-3, min_lr=1e-4, warmup_steps=150, max_steps=2400, threads=2, eval_every=400,
+        save_every=200, max_len=1024))
+    seed: int = 0
+
+
+def _done(path: Path) -> bool:
+    return (path / ".done").is_file()
+
+
+def _mark(path: Path, info: dict[str, Any] | None = None) -> None:
+    (path / ".done").write_text(json.dumps(info or {}, indent=1) + "\n")
+
+
+def codec_utterances(corpus: Path, per_voice: int, seed: int, data_dir: Path | None) -> list[Utterance]:
+    """Codec training set: ``per_voice`` train utterances of each synthetic voice, every real train
+    recording, and the LibriSpeech train excerpts (one recording per speaker)."""
+    rows = [json.loads(line) for line in (corpus / "utterances.jsonl").read_text().splitlines() if line.strip()]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["split"] == "train":
+            by.setdefault(r["speaker"], []).append(r)
+    rng, out = random.Random(seed), []
+    for speaker, items in sorted(by.items()):
+        items = sorted(items, key=lambda r: r["audio"])
+        rng.shuffle(items)
+        keep = items if items[0]["source"] == "real" else items[:per_voice]
+        out += [Utterance(str(corpus / r["audio"]), speaker) for r in keep]
+    libri = (data_dir or corpus / "real") / "librispeech-excerpts" / "train-clean-100"
+    out += [Utterance(str(f), "libri-" + f.name.split("-")[0]) for f in sorted(libri.glob("*.flac"))]
+    return out
+
+
+def _extract_part(args: tuple[str, list[Utterance], str]) -> None:
+    torch.set_num_threads(1)
+    codec_dir, utts, out = args
+    extract(NanoCodec.from_dir(codec_dir), utts, Path(out))
+
+
+def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: bool = True,
+               report: Callable[[str], None] = logger.info) -> Path:
+    """Run (or resume) every step; returns the bundle directory ``OUT/gpa-nano``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1) + "\n")
+    t0 = time.time()
+
+    def step(name: str) -> None:
+        report(f"[{time.time() - t0:7.0f} s] {name}")
+
+    corpus = Path(recipe.corpus_dir) if recipe.corpus_dir else out / "corpus"
+    if not recipe.corpus_dir:
+        step("corpus")
+        build_corpus(corpus, recipe.corpus, progress=progress)
+    codec_dir = out / "codec"
+    codec_dir.mkdir(exist_ok=True)
+    if not _done(codec_dir / "pretrained"):
+        step("pretrained parts")
+        pretrained_codec(recipe.codec).save(codec_dir / "pretrained", int8=False)
+        _mark(codec_dir / "pretrained")
+    parts = [codec_dir / f"features-{i}" for i in range(recipe.workers)]
+    if not all(p.with_suffix(".npz").is_file() for p in parts):
+        utts = codec_utterances(corpus, recipe.codec_utterances_per_voice, recipe.seed, None)
+        step(f"features of {len(utts)} utterances")
+        jobs = [(str(codec_dir / "pretrained"), utts[i :: recipe.workers], str(p)) for i, p in enumerate(parts)]
+        with mp.get_context("spawn").Pool(recipe.workers) as pool:
+            pool.map(_extract_part, jobs)
+    feats = None
+    if not _done(codec_dir / "kmeans"):
+        step("k-means")
+        feats = Features(parts)
+        codec = NanoCodec.from_dir(codec_dir / "pretrained")
+        used = set_kmeans(codec, feats)
+        codec.save(codec_dir / "kmeans", int8=False)
+        _mark(codec_dir / "kmeans", used)
+    for name, src, minutes, frozen in (("speaker", "kmeans", recipe.speaker_minutes, False),
+                                       ("final", "speaker", recipe.decoder_minutes, True)):
+        if not _done(codec_dir / name):
+            step(f"codec training: {name} ({minutes:.0f} min)")
+            feats = feats or Features(parts)
+            codec = NanoCodec.from_dir(codec_dir / src)
+            res = train_decoder(codec, feats, DecoderTraining(minutes=minutes, threads=recipe.workers,
+                                                              freeze_speaker=frozen, init_table=not frozen,
+                                                              seed=recipe.seed + frozen), progress=progress)
+            codec.save(codec_dir / name, int8=False)
+            _mark(codec_dir / name, res)
+    seed_dir = out / "seed"
+    if not seed_dir.is_dir():
+        step("tokenizer and seed checkpoint")
+        texts = [json.loads(line)["text"] for line in (corpus / "train.jsonl").read_text().splitlines() if line]
+        c = recipe.codec
+        tok = build_tokenizer(texts, recipe.text_vocab, c.asr_codebook_size, c.global_codebook_size,
+                              c.semantic_codebook_size)
+        codec_copy = codec_dir / "speaker" / "nano-codec"
+        if not codec_copy.is_dir():
+            shutil.copytree(codec_dir / "speaker", codec_copy, ignore=shutil.ignore_patterns(".done", "nano-codec"))
+        seed_checkpoint(seed_dir, [codec_copy], tok, recipe.model, seed=recipe.seed)
+    data = out / "data"
+    if not (data / "index.jsonl").is_file():
+        step("prepare")
+        prepare(PrepareConfig(checkpoint=str(seed_dir), manifests=(str(corpus / "train_gpa.jsonl"),),
+                              out_dir=str(data)), progress=progress)
+    run = out / "run"
+    step("LLM training")
+    from gpa.train.loop import train
+
+    train(TrainConfig(data=str(data), out_dir=str(run), model=recipe.model, seed=recipe.seed,
+                      **recipe.train), progress=progress)
+    bundle = out / "gpa-nano"
+    step("bundle")
+    make_bundle(run, seed_dir, codec_dir / "final", bundle)
+    step("done")
+    return bundle
+
+
+def make_bundle(run: Path, seed_dir: Path, codec: Path, bundle: Path) -> Path:
+    """The shipped checkpoint: the run's LLM in float16, ``codec`` with int8 matrices, the seed's tokenizer."""
+    tmp = bundle.with_name(bundle.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export(run, tmp, source=seed_dir, dtype="float16")
+    shutil.rmtree(tmp / "nano-codec")
+    NanoCodec.from_dir(codec).save(tmp / "nano-codec", int8=True)
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    tmp.rename(bundle)
+    return bundle
+

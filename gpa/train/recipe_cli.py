@@ -1,0 +1,43 @@
+"""``gpa recipe nano OUT``: rebuild GPA-nano from scratch (corpus, codec, tokenizer, LLM, bundle), resumably."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from typing import Any
+
+
+def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.ArgumentParser:
+    """Register ``recipe`` on ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("recipe", help="rebuild a bundled model from scratch (resumable)", formatter_class=fmt)
+    p.add_argument("name", choices=["nano"], help="which recipe")
+    p.add_argument("out", help="work folder: every step's output goes here; re-running resumes")
+    p.add_argument("--corpus", default="", help="use this existing `gpa corpus` folder instead of building one")
+    p.add_argument("--speaker-minutes", type=float, default=None,
+                   help="joint token-decoder + speaker-encoder training time (default: the recipe's)")
+    p.add_argument("--decoder-minutes", type=float, default=None,
+                   help="further token-decoder training time, speaker encoder frozen (default: the recipe's)")
+    p.add_argument("--max-steps", type=int, default=None, help="LLM optimizer steps (default: the recipe's)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for training, processes for features")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging verbosity (stderr)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out ``gpa recipe``; prints {"bundle": path} as JSON."""
+    from gpa.train.nano_recipe import NanoRecipe, run_recipe  # torch and the codecs load here, not at parse time
+
+    logging.getLogger().setLevel(args.log_level)
+    d = NanoRecipe()
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    recipe = replace(d, corpus_dir=args.corpus, speaker_minutes=pick(args.speaker_minutes, d.speaker_minutes),
+                     decoder_minutes=pick(args.decoder_minutes, d.decoder_minutes), workers=max(1, args.threads),
+                     train={**d.train, "max_steps": pick(args.max_steps, d.train["max_steps"]),
+                            "threads": args.threads})
+    bundle = run_recipe(args.out, recipe, progress=not args.no_progress)
+    print(json.dumps({"bundle": str(bundle)}))
+    return 0
