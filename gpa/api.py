@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from gpa.model import GPALM
 from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt
 from gpa.text import split_text
 from gpa.vocab import Vocab
+from gpa.voices import BuiltinVoice, builtin_voices, default_voice, lookup
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,10 @@ def _default_device() -> torch.device:
 class GPA:
     """A loaded GPA checkpoint: LLM, text vocabulary, BiCodec and the GLM speech tokenizer."""
 
-    def __init__(self, lm: GPALM, vocab: Vocab, bicodec: BiCodec, glm: GLMTokenizer) -> None:
+    def __init__(self, lm: GPALM, vocab: Vocab, bicodec: BiCodec, glm: GLMTokenizer, root: Path | None = None) -> None:
         self.lm, self.vocab, self.bicodec, self.glm = lm, vocab, bicodec, glm
+        self.root = root  # the checkpoint directory (None when built from parts): its built-in voices live there
+        self._builtin: dict[str, BuiltinVoice] | None = None  # read on first use
         self.device = lm.head_weight().device
         self.sample_rate = bicodec.sample_rate
         self._allowed = {t: allowed_ids(vocab, t, lm.config.vocab_size) for t in Task}
@@ -85,7 +89,7 @@ class GPA:
         lm = load_lm(ckpt, device=device, dtype=dtype, quantize=quantize)
         if lm.config.vocab_size < vocab.size:
             raise ValueError(f"{ckpt.llm_config}: vocab_size {lm.config.vocab_size} < tokenizer size {vocab.size}")
-        return cls(lm, vocab, bicodec, glm)
+        return cls(lm, vocab, bicodec, glm, root=ckpt.root)
 
     # --- options ----------------------------------------------------------------------------------
 
@@ -97,10 +101,28 @@ class GPA:
 
     # --- voices -------------------------------------------------------------------------------------
 
+    def builtin_voices(self) -> dict[str, BuiltinVoice]:
+        """The checkpoint's built-in voices (``voices/``) by name, sorted; {} when it has none."""
+        if self._builtin is None:
+            self._builtin = builtin_voices(self.root) if self.root is not None else {}
+        return dict(self._builtin)
+
+    def default_voice(self) -> str | None:
+        """The name of the built-in voice used when none is given (None without built-in voices)."""
+        return default_voice(self.builtin_voices())
+
     def voice(self, reference: Audio, text: str | None = None) -> Voice:
-        """Tokenize a reference speaker; with its transcript ``text`` TTS continues the reference."""
+        """Tokenize a reference speaker; with its transcript ``text`` TTS continues the reference.
+
+        ``reference`` is audio (a path, encoded bytes or ``(samples, sample_rate)``), or the name of a
+        built-in voice (:meth:`builtin_voices`): a string is a file when that file exists, else a
+        voice name. A built-in voice gives its audio only; its transcript is used only when passed
+        as ``text``.
+        """
         if text is not None and not text.strip():
             raise ValueError("reference_text is empty")
+        if isinstance(reference, str) and not os.path.exists(reference):  # (Path.exists raises on long names)
+            reference = lookup(reference, self.builtin_voices()).audio_path
         wav = _load(reference, normalize=True, what="reference")
         # Requests often reuse a reference: its tokens are cached by content (not by name or path).
         key = (hashlib.sha1(wav.tobytes()).hexdigest(), text)
@@ -147,7 +169,10 @@ class GPA:
 
     def tts(self, text: str, reference: Audio | Voice, reference_text: str | None = None,
             **options: Any) -> tuple[np.ndarray, int]:
-        """Speak ``text`` in the reference's voice -> ((N,) float32 waveform, sample rate)."""
+        """Speak ``text`` in the reference's voice -> ((N,) float32 waveform, sample rate).
+
+        ``reference``: audio, a :class:`Voice`, or a built-in voice's name (see :meth:`voice`).
+        """
         return self.tts_batch([text], reference, reference_text, **options)[0]
 
     def tts_batch(self, texts: Sequence[str], reference: Audio | Voice, reference_text: str | None = None,
@@ -176,7 +201,8 @@ class GPA:
                            reference_semantic=voice.semantic_codes) for t in texts]
 
     def vc(self, source: Audio, reference: Audio | Voice, **options: Any) -> tuple[np.ndarray, int]:
-        """Say what ``source`` says in the reference's voice -> (waveform, sample rate)."""
+        """Say what ``source`` says in the reference's voice -> (waveform, sample rate); ``reference`` as
+        in :meth:`tts`."""
         return self.vc_batch([source], reference, **options)[0]
 
     def vc_batch(self, sources: Sequence[Audio], reference: Audio | Voice,

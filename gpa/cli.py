@@ -18,6 +18,8 @@ from gpa.audio import AudioError, save_audio
 logger = logging.getLogger("gpa")
 
 MODEL_HELP = "GPA checkpoint directory (default: $GPA_MODEL, else the bundled GPA-nano)"
+REFERENCE_HELP = ("audio file of the voice to clone, or the name of one of the model's built-in voices "
+                  "(gpa voices lists them); default: the model's default built-in voice")
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed")
 
 
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tts = sub.add_parser("tts", help="speak text in the voice of a reference recording", formatter_class=fmt)
     tts.add_argument("inputs", nargs="*", help="text(s) to speak (or use --list with one text per line)")
-    tts.add_argument("--reference", required=True, type=Path, help="audio of the voice to clone")
+    tts.add_argument("--reference", default=None, help=REFERENCE_HELP)
     tts.add_argument("--reference-text", default=None,
                      help="transcript of the reference; the model then continues it (keeps accent)")
     tts.add_argument("-o", "--output", type=Path, required=True,
@@ -65,12 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     vc = sub.add_parser("vc", help="convert speech to the voice of a reference recording", formatter_class=fmt)
     vc.add_argument("inputs", nargs="*", help="source audio files")
-    vc.add_argument("--reference", required=True, type=Path, help="audio of the target voice")
+    vc.add_argument("--reference", default=None, help=REFERENCE_HELP)
     vc.add_argument("-o", "--output", type=Path, required=True,
                     help="output .wav/.flac for one input, or a directory for several")
 
     for p in (asr, tts, vc):
         _add_common(p)
+    voices = sub.add_parser("voices", help="list the model's built-in voices (one JSON object per line)",
+                            formatter_class=fmt)
+    voices.add_argument("--model", default=None, help=MODEL_HELP)
+    voices.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging verbosity (stderr)")
     _add_serve(sub, fmt)
     _add_training(sub, fmt)
     _add_bench(sub, fmt)
@@ -331,10 +338,37 @@ def cmd_asr(args: argparse.Namespace) -> int:
             out.close()
 
 
+def _reference(model: Any, args: argparse.Namespace) -> str:
+    """--reference (a file or a built-in voice's name), else the model's default built-in voice."""
+    if args.reference is not None:
+        return args.reference
+    name = model.default_voice()
+    if name is None:
+        raise CLIError(f"no --reference given, and the model ({model.root}) has no built-in voices; pass "
+                       "--reference FILE (an audio file of the voice to use)")
+    logger.info("using the built-in voice %r", name)
+    return name
+
+
+def cmd_voices(args: argparse.Namespace) -> int:
+    from gpa.checkpoint import Checkpoint
+    from gpa.voices import builtin_voices
+
+    root = Checkpoint.open(_model_dir(args.model)).root
+    voices = builtin_voices(root)
+    for voice in voices.values():
+        print(json.dumps(voice.to_dict(), ensure_ascii=False))
+    if not voices:
+        print(f"{root} has no built-in voices", file=sys.stderr)
+    return 0
+
+
 def cmd_tts(args: argparse.Namespace) -> int:
     items = _inputs(args)
+    if args.reference is None and args.reference_text is not None:
+        raise CLIError("--reference-text is the transcript of --reference: give both")
     model = _load_model(args)
-    voice = model.voice(args.reference, args.reference_text)
+    voice = model.voice(_reference(model, args), args.reference_text)
     paths = iter(_output_paths(args.output, len(items), [f"{i:04d}" for i in range(1, len(items) + 1)]))
     options = _options(args)
 
@@ -350,7 +384,7 @@ def cmd_tts(args: argparse.Namespace) -> int:
 def cmd_vc(args: argparse.Namespace) -> int:
     items = _inputs(args)
     model = _load_model(args)
-    voice = model.voice(args.reference)
+    voice = model.voice(_reference(model, args))
     paths = dict(zip(items, _output_paths(args.output, len(items), [Path(i).stem for i in items]), strict=True))
     options = _options(args)
 
@@ -418,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"asr": cmd_asr, "tts": cmd_tts, "vc": cmd_vc,
                                                             "prepare": cmd_prepare, "train": cmd_train,
                                                             "export": cmd_export, "serve": cmd_serve,
-                                                            "bench": cmd_bench}
+                                                            "bench": cmd_bench, "voices": cmd_voices}
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:

@@ -97,9 +97,33 @@ def nano_config():
                            vocoder=HiFiGANConfig(upsample_initial_channel=16))
 
 
+NANO_VOICES = {  # built-in voices of the nano fixture: name -> (clip under ../shared/data, licence, has a transcript)
+    "cathy": ("cathy/arctic_a0009_1592748391.flac", "CC0-1.0", True),
+    "ls1688": ("librispeech-excerpts/test-other/1688/1688-142285-0003.flac", "CC-BY-4.0", False),
+}
+
+
+def write_voices(checkpoint: Path, data: Path) -> None:
+    """Built-in voices (voices/NAME.wav, NAME.txt, voices.json) from real 16 kHz recordings of two speakers."""
+    import soundfile as sf
+
+    root = checkpoint / "voices"
+    root.mkdir()
+    catalog = {}
+    for name, (clip, licence, with_text) in NANO_VOICES.items():
+        samples, sr = sf.read(str(data / clip), dtype="int16")
+        assert sr == 16000 and samples.ndim == 1, (clip, sr, samples.shape)
+        sf.write(str(root / f"{name}.wav"), samples, sr, subtype="PCM_16")
+        if with_text:
+            (root / f"{name}.txt").write_text((data / clip).with_suffix(".txt").read_text(encoding="utf-8"))
+        catalog[name] = {"description": f"test voice from {clip}", "licence": licence, "source": clip}
+    (root / "voices.json").write_text(json.dumps(catalog, indent=1))
+
+
 @pytest.fixture(scope="session")
-def nano_dir(tmp_path_factory, nano_config) -> Path:
-    """A complete GPA-nano checkpoint with random weights: tiny nano codec, BPE tokenizer, "tiny" LLM."""
+def nano_dir(tmp_path_factory, nano_config, fixtures) -> Path:
+    """A complete GPA-nano checkpoint with random weights: tiny nano codec, BPE tokenizer, "tiny" LLM, and
+    two built-in voices (NANO_VOICES)."""
     from gpa.codecs.nano import NanoCodec
     from gpa.train.seed import seed_checkpoint
     from gpa.train.tokenizer import build_tokenizer
@@ -113,7 +137,9 @@ def nano_dir(tmp_path_factory, nano_config) -> Path:
     codec.save(root / "nano-codec")
     tok = build_tokenizer(NANO_TEXTS * 4, 300, nano_config.asr_codebook_size, nano_config.global_codebook_size,
                           nano_config.semantic_codebook_size)
-    return seed_checkpoint(root / "gpa-nano-tiny", [root / "nano-codec"], tok, "tiny")
+    ckpt = seed_checkpoint(root / "gpa-nano-tiny", [root / "nano-codec"], tok, "tiny")
+    write_voices(ckpt, fixtures.parent / "data")
+    return ckpt
 
 
 @pytest.fixture(autouse=True)

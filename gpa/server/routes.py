@@ -20,12 +20,12 @@ from gpa.server.protocol import (
     VoiceDeleted,
     VoiceForm,
     VoiceInfo,
-    VoiceList,
 )
 from gpa.server.serving import Serving
+from gpa.server.voices import BuiltinVoiceInfo, VoiceListing
 
 router = APIRouter()
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)}
 
 
 def serving(request: Request) -> Serving:
@@ -64,9 +64,8 @@ async def conversions(form: Annotated[ConversionForm, Form()], request: Request,
 
 
 @router.get("/v1/audio/voices", responses=ERRORS)
-async def list_voices(svc: Service) -> VoiceList:
-    infos = await svc.blocking(svc.voices.list)
-    return VoiceList(voices=[v.name for v in infos], uploaded_voices=infos)
+async def list_voices(svc: Service) -> VoiceListing:
+    return await svc.blocking(svc.voices.listing)
 
 
 @router.post("/v1/audio/voices", dependencies=[MULTIPART], responses=ERRORS, status_code=201)
@@ -75,7 +74,7 @@ async def create_voice(form: Annotated[VoiceForm, Form()], svc: Service) -> Voic
 
 
 @router.get("/v1/audio/voices/{voice_id:path}", responses=ERRORS)
-async def get_voice(voice_id: str, svc: Service) -> VoiceInfo:
+async def get_voice(voice_id: str, svc: Service) -> VoiceInfo | BuiltinVoiceInfo:
     info = await svc.blocking(svc.voices.info, voice_id, "voice_id")
     return info
 

@@ -41,7 +41,7 @@ from gpa.server.protocol import (
     VoiceInfo,
 )
 from gpa.server.settings import ServerSettings
-from gpa.server.voices import VoiceStore
+from gpa.server.voices import Voices, VoiceStore
 from gpa.text import split_text
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ class Serving:
     """Request handling shared by the routes: one per app, created in its lifespan."""
 
     def __init__(self, engine: Engine, settings: ServerSettings, voices: VoiceStore, metrics: Metrics) -> None:
-        self.engine, self.settings, self.voices, self.metrics = engine, settings, voices, metrics
+        self.engine, self.settings, self.metrics = engine, settings, metrics
         self.model = engine.model
+        self.voices = Voices(voices, self.model.builtin_voices(), self.model.voice)  # built-in, then saved
         self.started = int(time.time())
         self.engine_running = True
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="gpa-server-audio")
@@ -103,8 +104,8 @@ class Serving:
             raise bad_request("ref_text needs ref_audio (a saved voice keeps the transcript it was saved with)",
                               "ref_text")
         if name is None:
-            raise bad_request("no voice: set 'voice' to a saved voice (GET /v1/audio/voices) or send 'ref_audio'",
-                              "voice", "voice_required")
+            raise bad_request("no voice: set 'voice' to a built-in or saved voice (GET /v1/audio/voices) or send "
+                              "'ref_audio'", "voice", "voice_required")
         return await self.blocking(self.voices.get, name, "voice")
 
     @staticmethod
@@ -350,21 +351,8 @@ class Serving:
         wav, data = await self.read_audio(sample, "audio_sample", self.settings.max_clip_seconds)
         if form.ref_text is not None and not form.ref_text.strip():
             raise bad_request("ref_text is empty; leave it out to save the voice only", "ref_text")
-        self.voices_name_free(form.name)
+        self.voices.check_free(form.name)
         voice = await self.blocking(self.model.voice, (wav, SAMPLE_RATE), form.ref_text)
         return await self.blocking(lambda: self.voices.add(voice, form.name, file_size=len(data),
                                                            duration=len(wav) / SAMPLE_RATE,
                                                            mime_type=sample.content_type, consent=form.consent))
-
-    def voices_name_free(self, name: str) -> None:
-        """Fail before the expensive tokenization when the name is invalid or taken."""
-        try:
-            self.voices.info(name, "name")
-        except APIError as e:
-            if e.code == "voice_not_found":
-                return
-            raise
-        raise APIError(409, f"a voice named {name!r} already exists; delete it first or pick another name",
-                       param="name", code="voice_exists")
-
-
