@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from gpa.audio import volume_normalize
+from gpa.audio import load_audio
 from gpa.codecs.hifigan import HiFiGAN, HiFiGANConfig, MelSpectrogram
 from gpa.codecs.whisper_encoder import WhisperEncoder, WhisperEncoderConfig, log_mel
 from gpa.config import require_fields
@@ -589,7 +589,9 @@ class NanoASRTokenizer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         _check_batch(wavs)
-        return self.codec.encode_asr([volume_normalize(np.asarray(w, dtype=np.float32)) for w in wavs])
+        # exactly load_audio's normalisation (float64 arithmetic), so the cached features are found
+        return self.codec.encode_asr([load_audio(np.asarray(w, dtype=np.float32), INPUT_RATE, normalize=True)
+                                      for w in wavs])
 
 
 def _check_batch(wavs: list[np.ndarray]) -> None:
