@@ -113,6 +113,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, source: str | Path | Non
             shutil.copyfile(src.root / name, tmp / name)
     for codec_dir in src.codec_dirs():
         _copy_dir(codec_dir, tmp / codec_dir.name, link)
+    if (src.root / "voices").is_dir():  # built-in reference voices (gpa.voices)
+        _copy_dir(src.root / "voices", tmp / "voices", link)
     os.replace(tmp, out)
     logger.info("exported %s (step %d) to %s", ckpt, meta["step"], out)
     return out

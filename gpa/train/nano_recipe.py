@@ -178,13 +178,16 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
     return bundle
 
 
-def make_bundle(run: Path, seed_dir: Path, codec: Path, bundle: Path) -> Path:
-    """The shipped checkpoint: the run's LLM in float16, ``codec`` with int8 matrices, the seed's tokenizer."""
+def make_bundle(run: Path, seed_dir: Path, codec: Path, bundle: Path, voices: Path | None = None) -> Path:
+    """The shipped checkpoint: the run's LLM in float16, ``codec`` with int8 matrices, the seed's tokenizer
+    and ``voices`` (a built-in voice folder, see :mod:`gpa.voices`) if given."""
     tmp = bundle.with_name(bundle.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     export(run, tmp, source=seed_dir, dtype="float16")
     shutil.rmtree(tmp / "nano-codec")
     NanoCodec.from_dir(codec).save(tmp / "nano-codec", int8=True)
+    if voices is not None:
+        shutil.copytree(voices, tmp / "voices")
     if bundle.exists():
         shutil.rmtree(bundle)
     tmp.rename(bundle)
