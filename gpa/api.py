@@ -139,7 +139,12 @@ class GPA:
                 self._voices.popitem(last=False)
         return voice
 
-    def _as_voice(self, reference: Audio | Voice, text: str | None) -> Voice:
+    def _as_voice(self, reference: Audio | Voice | None, text: str | None) -> Voice:
+        if reference is None:
+            name = self.default_voice()
+            if name is None:
+                raise ValueError("no reference voice given, and this model has no built-in voices; pass reference=")
+            reference = name
         if isinstance(reference, Voice):
             if text is not None and reference.text is None:
                 raise ValueError("reference_text given with a Voice built without it; use model.voice(audio, text)")
@@ -167,15 +172,16 @@ class GPA:
         semantic = self.bicodec.encode_semantic(normed)
         return [asr_prompt(self.vocab, g, s) for g, s in zip(glm_codes, semantic, strict=True)]
 
-    def tts(self, text: str, reference: Audio | Voice, reference_text: str | None = None,
+    def tts(self, text: str, reference: Audio | Voice | None = None, reference_text: str | None = None,
             **options: Any) -> tuple[np.ndarray, int]:
         """Speak ``text`` in the reference's voice -> ((N,) float32 waveform, sample rate).
 
-        ``reference``: audio, a :class:`Voice`, or a built-in voice's name (see :meth:`voice`).
+        ``reference``: audio, a :class:`Voice`, or a built-in voice's name (see :meth:`voice`); None: the
+        model's default built-in voice.
         """
         return self.tts_batch([text], reference, reference_text, **options)[0]
 
-    def tts_batch(self, texts: Sequence[str], reference: Audio | Voice, reference_text: str | None = None,
+    def tts_batch(self, texts: Sequence[str], reference: Audio | Voice | None = None, reference_text: str | None = None,
                   **options: Any) -> list[tuple[np.ndarray, int]]:
         """Speak several texts in one voice, in one batch.
 
@@ -200,12 +206,12 @@ class GPA:
         return [tts_prompt(self.vocab, voice.global_codes, t, reference_text=voice.text,
                            reference_semantic=voice.semantic_codes) for t in texts]
 
-    def vc(self, source: Audio, reference: Audio | Voice, **options: Any) -> tuple[np.ndarray, int]:
+    def vc(self, source: Audio, reference: Audio | Voice | None = None, **options: Any) -> tuple[np.ndarray, int]:
         """Say what ``source`` says in the reference's voice -> (waveform, sample rate); ``reference`` as
         in :meth:`tts`."""
         return self.vc_batch([source], reference, **options)[0]
 
-    def vc_batch(self, sources: Sequence[Audio], reference: Audio | Voice,
+    def vc_batch(self, sources: Sequence[Audio], reference: Audio | Voice | None = None,
                  **options: Any) -> list[tuple[np.ndarray, int]]:
         """Convert several sources to one voice, in one batch."""
         params = self.sampling(Task.VC, **options)

@@ -207,6 +207,15 @@ def test_a_builtin_name_is_accepted_wherever_a_reference_is(model, nano_dir, fix
     assert len(model.tts_batch(["One.", "Two."], "ls1688", **TTS)) == 2
 
 
+def test_no_reference_means_the_default_voice(model, fixtures):
+    assert np.array_equal(model.tts("Hello there.", **TTS)[0], model.tts("Hello there.", reference="cathy", **TTS)[0])
+    source = fixtures.parent / "data" / "cathy" / "arctic_a0009_1592748391.flac"
+    assert np.array_equal(model.vc(source, **TTS)[0], model.vc(source, "cathy", **TTS)[0])
+    bare = GPA(model.lm, model.vocab, model.bicodec, model.glm)  # no checkpoint, so no built-in voices
+    with pytest.raises(ValueError, match="no reference voice given, and this model has no built-in voices"):
+        bare.tts("Hello there.", **TTS)
+
+
 def test_an_existing_file_wins_over_a_voice_name(model, nano_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(nano_dir / "voices" / "ls1688.wav", tmp_path / "cathy")  # a file called like a built-in voice
