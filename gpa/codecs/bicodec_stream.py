@@ -139,6 +139,49 @@ class Residual(Op):
         return new
 
 
+class Parallel(Op):
+    """Branches run on the same input, their outputs summed frame by frame (averaged with ``mean``).
+
+    The branches must share a rate; their lags may differ: a branch's outputs wait until every other
+    branch has produced the same frames. Sums run in branch order, ``((y0 + y1) + y2) / n``, as
+    Python's ``sum(...) / n`` does offline.
+    """
+
+    def __init__(self, branches: list[Op], mean: bool = False) -> None:
+        if not branches:
+            raise ValueError("Parallel needs at least one branch")
+        rates = sorted({b.rate for b in branches})
+        if len(rates) != 1:
+            raise ValueError(f"parallel branches must share one rate, got rates {rates}")
+        self.branches, self.mean = branches, mean
+        self.rate, self.lag = rates[0], max(b.lag for b in branches)
+        self.held: list[Frames] = [None] * len(branches)  # each branch's outputs not yet combined
+
+    def step(self, x: torch.Tensor) -> Frames:
+        return self._combine([b.step(x) for b in self.branches])
+
+    def flush(self) -> Frames:
+        return self._combine([b.flush() for b in self.branches])
+
+    def _combine(self, ys: list[Frames]) -> Frames:
+        self.held = [_cat(h, y) for h, y in zip(self.held, ys, strict=True)]
+        held = [h for h in self.held if h is not None]
+        if len(held) < len(self.held):
+            return None
+        n = min(h.shape[-1] for h in held)
+        out = held[0][..., :n]
+        for h in held[1:]:
+            out = out + h[..., :n]
+        self.held = [h[..., n:] if h.shape[-1] > n else None for h in held]
+        return out / len(self.branches) if self.mean else out
+
+    def copy(self) -> Parallel:
+        new = super().copy()
+        new.branches = [b.copy() for b in self.branches]
+        new.held = list(self.held)
+        return new
+
+
 class Conv(Op):
     """A stride-1 Conv1d with symmetric zero padding ("same" length)."""
 

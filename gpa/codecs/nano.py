@@ -13,8 +13,9 @@ GPA needs three token streams from audio and one way back:
   log-mel of a pretrained HiFi-GAN (universal V1, 22,050 Hz), which makes the waveform.
 
 Everything in the decoder is convolutional with "same" padding, so a code influences only a bounded
-stretch of samples (:attr:`NanoCodec.context`); streaming re-decodes windows with that much context
-on each side and equals the offline decode up to float rounding (:class:`WindowedDecoder`).
+stretch of samples (:attr:`NanoCodec.context`); streaming decodes each code once, every layer keeping
+the left context it still needs (:mod:`gpa.codecs.nano_stream`), and equals the offline decode up to
+float rounding, as does the slower re-decoding of windows with that much context (:class:`WindowedDecoder`).
 
 A nano checkpoint keeps this codec in ``nano-codec/`` (``config.json`` + ``model.safetensors``, large
 matrices stored as int8 with per-row scales, see :func:`gpa.weights.unpack_int8`).
@@ -41,6 +42,7 @@ from torch import nn
 
 from gpa.audio import load_audio
 from gpa.codecs.hifigan import HiFiGAN, HiFiGANConfig, MelSpectrogram
+from gpa.codecs.nano_stream import IncrementalDecoder
 from gpa.codecs.whisper_encoder import WhisperEncoder, WhisperEncoderConfig, log_mel
 from gpa.config import require_fields
 from gpa.weights import CheckpointError, load_strict, pack_int8, read_safetensors, unpack_int8
@@ -498,9 +500,11 @@ class NanoCodec(nn.Module):
             raise RuntimeError(f"the nano decoder's reach exceeds the measurement bound of {bound} codes")
         return radius
 
-    def incremental_decoder(self, global_codes: torch.Tensor) -> WindowedDecoder:
-        """A decoder state for one stream of codes (see :class:`WindowedDecoder`)."""
-        return WindowedDecoder(self, global_codes)
+    def incremental_decoder(self, global_codes: torch.Tensor) -> IncrementalDecoder:
+        """A decoder state for one stream of codes: each code decoded once, the samples equal to
+        :meth:`decode` (see :mod:`gpa.codecs.nano_stream`; :class:`WindowedDecoder` is the re-decoding
+        reference)."""
+        return IncrementalDecoder(self, global_codes)
 
 
 class WindowedDecoder:
