@@ -30,15 +30,39 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def audible(codec: NanoCodec) -> NanoCodec:
+    """The codec with its HiFi-GAN's conv weights doubled and biases cut to a tenth, in place.
+
+    PyTorch's random init shrinks the signal through the vocoder's ~40 convolutions: the fixture's
+    waveform is its biases' DC with a std of ~2e-5, so a 1e-5 tolerance would test nothing. Rescaled,
+    the waveform's std is ~0.07, without clipping.
+    """
+    with torch.no_grad():
+        for m in codec.vocoder.modules():
+            if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
+                m.weight.mul_(2.0)
+                m.bias.mul_(0.1)
+    return codec
+
+
+def check_audible(wav: torch.Tensor) -> torch.Tensor:
+    assert wav.std() > 0.01, f"the test waveform is near constant (std {wav.std():.2g}); the tolerances test nothing"
+    return wav
+
+
 @pytest.fixture(scope="module")
 def codec(nano_dir: Path) -> NanoCodec:
-    return NanoCodec.from_dir(nano_dir / "nano-codec")
+    return audible(NanoCodec.from_dir(nano_dir / "nano-codec"))
 
 
 def random_codes(codec: NanoCodec, n: int, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, codec.semantic_codebook_size, (batch, n), generator=g),
             torch.randint(0, codec.global_codebook_size, (batch, codec.num_global_tokens), generator=g))
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm())
 
 
 def stream(dec: IncrementalDecoder | WindowedDecoder, semantic: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -70,6 +94,7 @@ def test_stream_equals_offline_decode_for_any_chunking(codec, n):
     semantic, glob = random_codes(codec, n, n)
     offline = codec.decode(semantic, glob)
     assert offline.shape == (1, n * codec.hop_length)
+    check_audible(offline)
     for sizes in chunkings(n, n):
         y = stream(codec.incremental_decoder(glob[0]), semantic, sizes)
         assert y.shape == offline.shape  # never a duplicated or missing sample
@@ -119,16 +144,18 @@ def test_lookahead_is_the_decoders_structural_reach(nano_dir):
 
 
 def test_decode_dtype_is_respected(nano_dir):
-    semantic, glob = random_codes(NanoCodec.from_dir(nano_dir / "nano-codec"), 25, 2)
-    codec = NanoCodec.from_dir(nano_dir / "nano-codec").set_decode_dtype(torch.float64)
+    codec = audible(NanoCodec.from_dir(nano_dir / "nano-codec"))
+    semantic, glob = random_codes(codec, 25, 2)
+    check_audible(codec.decode(semantic, glob))
+    codec.set_decode_dtype(torch.float64)
     y = stream(codec.incremental_decoder(glob), semantic, [1] * 5 + [7] * 3)
-    assert (y.double() - codec.vocoder(codec.decode_mel(semantic, glob)).double()).abs().max() <= 1e-12  # exact
+    assert (y - codec.decode(semantic, glob)).abs().max() <= 1e-12  # float64 sums agree to well within float32
     fp32 = codec.set_decode_dtype(torch.float32).decode(semantic, glob)
     codec.set_decode_dtype(torch.bfloat16)
     y = stream(codec.incremental_decoder(glob), semantic, [4] * 7)
     offline = codec.decode(semantic, glob)
-    # computed in bfloat16 (off float32 by its rounding), as the offline bfloat16 decode is
-    assert y.shape == offline.shape and (y - offline).abs().max() <= 1e-4 < (y - fp32).abs().max()
+    # computed in bfloat16: off float32 by its rounding (~1.5 % here), as much as the offline bf16 decode is
+    assert y.shape == offline.shape and 1e-3 < rel_err(y, fp32) <= 2 * rel_err(offline, fp32)
     dec = codec.incremental_decoder(glob)
     dec.push(semantic[:, :3])
     codec.set_decode_dtype(torch.float32)
@@ -138,10 +165,10 @@ def test_decode_dtype_is_respected(nano_dir):
 
 def test_odd_mel_per_token_crops_the_upsampler_end_like_offline(nano_config):
     torch.manual_seed(1)
-    codec = NanoCodec(replace(nano_config, mel_per_token=3)).eval().requires_grad_(False)
+    codec = audible(NanoCodec(replace(nano_config, mel_per_token=3)).eval().requires_grad_(False))
     assert codec.decoder.up(torch.zeros(1, nano_config.decoder_dim, 5)).shape[-1] == 5 * 3 + 1  # one frame cut
     semantic, glob = random_codes(codec, 20, 4)
-    offline = codec.decode(semantic, glob)
+    offline = check_audible(codec.decode(semantic, glob))
     for sizes in ([1] * 20, [6, 1, 13], [20]):
         y = stream(codec.incremental_decoder(glob), semantic, sizes)
         assert y.shape == offline.shape and (y - offline).abs().max() <= 1e-5, sizes
