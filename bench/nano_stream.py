@@ -5,7 +5,8 @@ HiFi-GAN) with PyTorch's random init: the decode cost depends only on shapes. Co
 ``--push`` at a time; every case runs once per round, rounds interleave the cases (after a warm-up
 round) and the medians are reported as real-time factors (decode seconds per audio second) and as
 ratios to the offline decode, so that load from other processes hits all cases alike. Each stream's
-largest deviation from the offline decode is reported too.
+largest deviation from the offline decode is reported too, beside the offline waveform's std
+(PyTorch's init makes a nearly constant waveform).
 
     python bench/nano_stream.py [--seconds 10] [--push 10] [--rounds 3] [--threads 1]
 """
@@ -64,6 +65,7 @@ def run(seconds: float, push: int, rounds: int) -> dict:
         "incremental_lag_samples": incremental.lag,
         "rtf": {name: round(t / audio_s, 4) for name, t in med.items()},
         "time_vs_offline": {name: round(t / med["offline"], 3) for name, t in med.items()},
+        "offline_std": float(last["offline"].std()),  # random weights: judge the deviations against this
         "max_abs_vs_offline": {name: float((y - last["offline"]).abs().max()) for name, y in last.items()},
     }
 
