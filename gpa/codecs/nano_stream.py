@@ -10,10 +10,11 @@ The nano decode path is local in time, like BiCodec's, and is built from the sam
 - HiFi-GAN: conv_pre, then per stage LeakyReLU, transposed conv and the mean of its residual blocks
   (a :class:`Parallel` mean), then LeakyReLU, conv_post and tanh.
 
-The upsampler's output crop ``[:, :, :T * r]`` is at the end only, so it does not hold anything back
-while streaming: uncropped the transposed conv gives ``(T + 1) r`` frames (``r + 1`` more with an odd
-``r``) and drops ``r // 2`` at the start by its padding; the crop keeps the next ``T r``, i.e. exactly
-the frames a :class:`ConvTranspose` op emits, the last ``r // 2`` of them on :meth:`Op.flush`.
+The upsampler's output crop ``[:, :, :T * r]`` is at the end only, so it holds nothing back while
+streaming: the transposed conv makes ``(T + 1) r`` frames and its padding drops ``r // 2`` at each end,
+leaving ``T r`` (``T r + 1`` with an odd ``r``, whose last frame the crop cuts). What is kept are the
+uncropped frames ``[r // 2, T r + r // 2)``: exactly those a :class:`ConvTranspose` op emits, the last
+``r // 2`` of them on :meth:`Op.flush`.
 
 After n codes ``n * hop_length - lag`` samples are final; :class:`IncrementalDecoder` hands them out
 in whole codes (``(n - lookahead) * hop_length``), the contract of the windowed decoder it replaces,
