@@ -31,7 +31,8 @@ def one_thread():
 
 
 def audible(codec: NanoCodec) -> NanoCodec:
-    """The codec with its HiFi-GAN's conv weights doubled and biases cut to a tenth, in place.
+    """The codec with its HiFi-GAN's conv weights doubled and biases cut to a tenth, in place (as the
+    ``nano_dir`` fixture's codec is; used here for codecs made in the test).
 
     PyTorch's random init shrinks the signal through the vocoder's ~40 convolutions: the fixture's
     waveform is its biases' DC with a std of ~2e-5, so a 1e-5 tolerance would test nothing. Rescaled,
@@ -52,7 +53,7 @@ def check_audible(wav: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def codec(nano_dir: Path) -> NanoCodec:
-    return audible(NanoCodec.from_dir(nano_dir / "nano-codec"))
+    return NanoCodec.from_dir(nano_dir / "nano-codec")  # the fixture's vocoder is already rescaled (conftest)
 
 
 def random_codes(codec: NanoCodec, n: int, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +145,7 @@ def test_lookahead_is_the_decoders_structural_reach(nano_dir):
 
 
 def test_decode_dtype_is_respected(nano_dir):
-    codec = audible(NanoCodec.from_dir(nano_dir / "nano-codec"))
+    codec = NanoCodec.from_dir(nano_dir / "nano-codec")
     semantic, glob = random_codes(codec, 25, 2)
     check_audible(codec.decode(semantic, glob))
     codec.set_decode_dtype(torch.float64)
