@@ -12,6 +12,7 @@ import torch
 
 from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
+from gpa.codecs.nano import WEIGHT_FILES as NANO_WEIGHT_FILES
 from gpa.codecs.nano import NanoASRTokenizer, NanoCodec
 from gpa.config import ModelConfig
 from gpa.model import GPALM
@@ -82,7 +83,8 @@ class Checkpoint:
     def required_files(self) -> list[Path]:
         common = [self.llm_config, self.llm_weights, self.tokenizer]
         if self.kind == "nano":
-            return [*common, self.nano_codec / "config.json", self.nano_codec / "model.safetensors"]
+            return [*common, self.nano_codec / "config.json",
+                    *(self.nano_codec / name for name in NANO_WEIGHT_FILES)]
         return [
             *common,
             self.bicodec / "config.yaml", self.bicodec / "model.safetensors",

@@ -17,8 +17,9 @@ stretch of samples (:attr:`NanoCodec.context`); streaming decodes each code once
 the left context it still needs (:mod:`gpa.codecs.nano_stream`), and equals the offline decode up to
 float rounding, as does the slower re-decoding of windows with that much context (:class:`WindowedDecoder`).
 
-A nano checkpoint keeps this codec in ``nano-codec/`` (``config.json`` + ``model.safetensors``, large
-matrices stored as int8 with per-row scales, see :func:`gpa.weights.unpack_int8`).
+A nano checkpoint keeps this codec in ``nano-codec/``: ``config.json``, ``encoder.safetensors`` (Whisper),
+``vocoder.safetensors`` (HiFi-GAN) and ``model.safetensors`` (the trained parts); large matrices are stored
+as int8 with per-row scales (:func:`gpa.weights.unpack_int8`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 INPUT_RATE = 16000  # what every encoder here reads (gpa.audio.load_audio's rate)
 WHISPER_FRAME_S = 0.02  # one Whisper encoder frame
+# Weight files of a nano-codec directory -> the parameter prefix each holds ("" = everything else).
+WEIGHT_FILES = {"encoder.safetensors": "whisper.", "vocoder.safetensors": "vocoder.", "model.safetensors": ""}
 FEATURE_CACHE = 8  # waveforms whose encoder features are kept (ASR prompts need two code streams of one input)
 
 
@@ -332,20 +335,34 @@ class NanoCodec(nn.Module):
         except (json.JSONDecodeError, TypeError) as e:
             raise CheckpointError(f"bad nano codec config {cfg_file}: {e}") from e
         model = cls(config)
-        weights = path / "model.safetensors"
-        state = unpack_int8(read_safetensors(weights), str(weights))
-        load_strict(model, {k: v.float() for k, v in state.items()}, str(weights))
+        state: dict[str, torch.Tensor] = {}
+        others = tuple(p for p in WEIGHT_FILES.values() if p)
+        for name, prefix in WEIGHT_FILES.items():
+            weights = path / name
+            part = unpack_int8(read_safetensors(weights), str(weights))  # a missing file is a CheckpointError
+            wrong = [k for k in part if (not k.startswith(prefix) if prefix else k.startswith(others))]
+            if wrong:
+                raise CheckpointError(f"{weights} holds tensors that belong in another file: {wrong[:5]}")
+            state.update(part)
+        load_strict(model, {k: v.float() for k, v in state.items()}, str(path))
         return model.to(device).eval().requires_grad_(False)
 
     def save(self, path: str | Path, int8: bool = True) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (large matrices int8 when ``int8``)."""
+        """Write ``config.json`` and the weight files of :data:`WEIGHT_FILES` (large matrices int8 when ``int8``).
+
+        The pretrained encoder and vocoder have files of their own, so a retrained decoder changes
+        only ``model.safetensors`` (a few MB in version control, not the whole codec).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config = replace(self.config, context=self._measure_context())  # structural: weights do not change it
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         keep = ("semantic_kmeans.", "asr_kmeans.", "decoder.mel_table")  # distances need full precision
         state = pack_int8(state, skip=keep) if int8 else state
-        save_file(state, str(path / "model.safetensors"))
+        for name, prefix in WEIGHT_FILES.items():  # the pretrained parts in files of their own
+            others = tuple(p for p in WEIGHT_FILES.values() if p)
+            part = {k: v for k, v in state.items() if (k.startswith(prefix) if prefix else not k.startswith(others))}
+            save_file(part, str(path / name))
         (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
 
     def set_decode_dtype(self, dtype: torch.dtype) -> NanoCodec:
