@@ -130,6 +130,28 @@ def test_nano_checkpoint_kind_and_missing_files(nano_dir, mini_dir, tmp_path):
         Checkpoint.open(broken)
 
 
+def test_nano_codec_weight_files_hold_only_their_parts(nano_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from gpa.weights import read_safetensors
+
+    files = sorted(p.name for p in (nano_dir / "nano-codec").glob("*.safetensors"))
+    assert files == ["encoder.safetensors", "model.safetensors", "vocoder.safetensors"]
+    assert all(k.startswith("whisper.") for k in read_safetensors(nano_dir / "nano-codec" / "encoder.safetensors"))
+    bad = tmp_path / "nano-codec"
+    shutil.copytree(nano_dir / "nano-codec", bad)
+    state = read_safetensors(bad / "model.safetensors")
+    state.update({k: v for k, v in read_safetensors(bad / "vocoder.safetensors").items()
+                  if k.startswith("vocoder.conv_post")})  # a vocoder tensor in the trained-parts file
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors holds tensors that belong in another file: "
+                                              r"\['vocoder.conv_post"):
+        NanoCodec.from_dir(bad)
+    (bad / "encoder.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="encoder.safetensors"):
+        NanoCodec.from_dir(bad)
+
+
 def test_nano_codec_config_rejects_unknown_keys(nano_dir, tmp_path):
     bad = tmp_path / "nano-codec"
     shutil.copytree(nano_dir / "nano-codec", bad)
