@@ -59,12 +59,12 @@ class NanoRecipe:
     codec: NanoCodecConfig = field(default_factory=lambda: NanoCodecConfig(decoder_dim=192))
     codec_utterances_per_voice: int = 400  # synthetic utterances per seen voice for codec training (+ all real)
     workers: int = 2  # processes for feature extraction
-    speaker_minutes: float = 18.0  # joint decoder + speaker encoder training
-    decoder_minutes: float = 20.0  # decoder alone, speaker encoder frozen
+    speaker_minutes: float = 18.0  # joint decoder + speaker encoder training (2 threads: 2,225 steps for the bundle)
+    decoder_minutes: float = 95.0  # decoder alone, speaker encoder frozen (1 thread: 8,328 steps for the bundle)
     text_vocab: int = 1024  # byte-level BPE ids (including the 256 bytes)
     model: str = "small"  # LLM preset (gpa.train.config.MODEL_PRESETS) or ModelConfig JSON
-    train: dict[str, Any] = field(default_factory=lambda: dict(
-        batch_size=32, lr=1.5e-3, min_lr=1e-4, warmup_steps=150, max_steps=2400, threads=2, eval_every=400,
+    train: dict[str, Any] = field(default_factory=lambda: dict(  # gpa.train.config.TrainConfig fields
+        batch_size=16, lr=1.5e-3, min_lr=1e-4, warmup_steps=150, max_steps=3300, threads=1, eval_every=1100,
         save_every=200, max_len=1024))
     seed: int = 0
 

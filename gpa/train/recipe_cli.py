@@ -20,7 +20,9 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("--decoder-minutes", type=float, default=None,
                    help="further token-decoder training time, speaker encoder frozen (default: the recipe's)")
     p.add_argument("--max-steps", type=int, default=None, help="LLM optimizer steps (default: the recipe's)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for training, processes for features")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of the LLM training (default: the recipe's, 1)")
+    p.add_argument("--workers", type=int, default=2, help="processes for features; threads of codec training")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="logging verbosity (stderr)")
@@ -35,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     d = NanoRecipe()
     pick = lambda v, default: default if v is None else v  # noqa: E731
     recipe = replace(d, corpus_dir=args.corpus, speaker_minutes=pick(args.speaker_minutes, d.speaker_minutes),
-                     decoder_minutes=pick(args.decoder_minutes, d.decoder_minutes), workers=max(1, args.threads),
+                     decoder_minutes=pick(args.decoder_minutes, d.decoder_minutes), workers=max(1, args.workers),
                      train={**d.train, "max_steps": pick(args.max_steps, d.train["max_steps"]),
-                            "threads": args.threads})
+                            "threads": pick(args.threads, d.train["threads"])})
     bundle = run_recipe(args.out, recipe, progress=not args.no_progress)
     print(json.dumps({"bundle": str(bundle)}))
     return 0
