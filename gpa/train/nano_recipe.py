@@ -96,6 +96,42 @@ def codec_utterances(corpus: Path, per_voice: int, seed: int, data_dir: Path | N
     return out
 
 
+# Built-in voices of the bundle: corpus speaker -> (voice name, licence, source, description).
+BUNDLE_VOICES = {
+    "cathy": ("cathy", "CC0-1.0", "real recording, CMU ARCTIC prompt (shared/data/cathy)",
+              "US English female (real speech)"),
+    "rhvoice_slt": ("slt", "LGPL-2.1+", "RHVoice slt (Debian rhvoice-english)", "US English female (synthetic)"),
+    "rhvoice_bdl": ("bdl", "LGPL-2.1+", "RHVoice bdl (Debian rhvoice-english)", "US English male (synthetic)"),
+    "rhvoice_alan": ("alan", "LGPL-2.1+", "RHVoice alan (Debian rhvoice-english)", "Scottish English male (synthetic)"),
+    "pico_en-US": ("pico_us", "Apache-2.0", "SVOX pico en-US (Debian libttspico-utils)",
+                   "US English female (synthetic)"),
+}
+DEFAULT_VOICE = "slt"
+
+
+def pick_voices(corpus: Path, out: Path) -> Path:
+    """Write the bundle's ``voices/`` (see :mod:`gpa.voices`): per voice of :data:`BUNDLE_VOICES`, the middle
+    (by path) of its 4-7 s train utterances, as 16 kHz PCM16, with its transcript."""
+    import soundfile as sf
+
+    from gpa.audio import load_audio
+
+    rows = [json.loads(line) for line in (corpus / "utterances.jsonl").read_text().splitlines() if line.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"default": DEFAULT_VOICE}
+    for speaker, (name, licence, source, description) in BUNDLE_VOICES.items():
+        cands = sorted((r for r in rows if r["speaker"] == speaker and r["split"] == "train"
+                        and 4.0 <= r["duration"] <= 7.0), key=lambda r: r["audio"])
+        if not cands:
+            raise ValueError(f"{corpus} has no 4-7 s train utterance of {speaker} for the built-in voice {name}")
+        r = cands[len(cands) // 2]
+        sf.write(out / f"{name}.wav", load_audio(str(corpus / r["audio"]), normalize=False), 16000, subtype="PCM_16")
+        (out / f"{name}.txt").write_text(r["text"] + "\n")
+        meta[name] = {"description": description, "licence": licence, "source": source}
+    (out / "voices.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
 def _extract_part(args: tuple[str, list[Utterance], str]) -> None:
     torch.set_num_threads(1)
     codec_dir, utts, out = args
@@ -173,7 +209,7 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
                       **recipe.train), progress=progress)
     bundle = out / "gpa-nano"
     step("bundle")
-    make_bundle(run, seed_dir, codec_dir / "final", bundle)
+    make_bundle(run, seed_dir, codec_dir / "final", bundle, voices=pick_voices(corpus, out / "voices"))
     step("done")
     return bundle
 
