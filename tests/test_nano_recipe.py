@@ -1,0 +1,50 @@
+"""The cheap steps of ``gpa recipe nano`` on a small corpus folder built from real recordings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import soundfile as sf
+
+from gpa.train.nano_recipe import BUNDLE_VOICES, DEFAULT_VOICE, codec_utterances, pick_voices
+from gpa.voices import builtin_voices, default_voice
+
+
+def small_corpus(root: Path, fixtures: Path) -> Path:
+    """utterances.jsonl naming real cathy clips under every bundle voice's speaker, plus a held-out row."""
+    cathy = [f for f in sorted((fixtures.parent / "data" / "cathy").glob("*.flac"))[:400]
+             if 4.0 <= sf.info(f).duration <= 7.0][:36]
+    rows = []
+    for k, speaker in enumerate([*BUNDLE_VOICES, "flite_awb"]):
+        for f in cathy[k * 6 : k * 6 + 6]:
+            seconds = sf.info(f).duration
+            rows.append({"audio": str(f), "text": f.with_suffix(".txt").read_text().strip(), "speaker": speaker,
+                         "split": "train", "source": "real" if speaker == "cathy" else "synthetic",
+                         "duration": seconds})
+    rows.append({**rows[0], "split": "heldout_text"})
+    (root / "utterances.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_pick_voices_writes_a_valid_builtin_catalogue(tmp_path, fixtures):
+    corpus = small_corpus(tmp_path, fixtures)
+    pick_voices(corpus, tmp_path / "ckpt" / "voices")
+    voices = builtin_voices(tmp_path / "ckpt")  # reads and checks every clip (16 kHz PCM16 mono, 3-8 s)
+    assert sorted(voices) == sorted(name for name, *_ in BUNDLE_VOICES.values())
+    assert default_voice(voices) == DEFAULT_VOICE and all(v.licence and v.text for v in voices.values())
+    for name, info in voices.items():
+        assert 4.0 <= info.seconds <= 7.0, name
+
+
+def test_codec_utterances_cap_synthetic_voices_keep_real_and_libri(tmp_path, fixtures):
+    corpus = small_corpus(tmp_path, fixtures)
+    utts = codec_utterances(corpus, per_voice=2, seed=0, data_dir=fixtures.parent / "data")
+    by: dict[str, int] = {}
+    for u in utts:
+        by[u.speaker] = by.get(u.speaker, 0) + 1
+    assert by["cathy"] == 6  # every real train recording (the held-out row is not train)
+    assert all(n == 2 for s, n in by.items() if not s.startswith(("cathy", "libri-")))
+    libri = [s for s in by if s.startswith("libri-")]
+    assert len(libri) > 100 and all(by[s] == 1 for s in libri)  # one excerpt per LibriSpeech speaker
+    assert utts == codec_utterances(corpus, per_voice=2, seed=0, data_dir=fixtures.parent / "data")  # seeded
