@@ -28,6 +28,7 @@ from torch import nn
 from gpa.codecs.bicodec_layers import Encoder, FactorizedVQ, Prenet, WaveGenerator
 from gpa.codecs.bicodec_speaker import SpeakerEncoder
 from gpa.codecs.bicodec_stream import IncrementalDecoder
+from gpa.codecs.checks import check_batch, check_codes
 from gpa.codecs.mel import slaney_filterbank
 from gpa.codecs.wav2vec2 import Wav2Vec2, normalize_input
 from gpa.weights import CheckpointError, fold_weight_norm, load_strict, read_safetensors
@@ -345,7 +346,7 @@ class BiCodec(nn.Module):
         Returns:
             (B, num_global_tokens) int64 in [0, global_codebook_size).
         """
-        _check_batch(wavs)
+        check_batch(wavs)
         clips = torch.from_numpy(np.stack([self.reference_clip(np.asarray(w, np.float32)) for w in wavs]))
         mel = self.reference_mel(clips.to(self._device))  # (B, M, frames)
         return self.speaker_encoder.tokenize(mel.to(self._dtype))
@@ -363,7 +364,7 @@ class BiCodec(nn.Module):
         Returns:
             B tensors (T_i, hidden_size) with T_i = (N_i - 400) // 320 + 1.
         """
-        _check_batch(wavs)
+        check_batch(wavs)
         if self.wav2vec2 is None:
             raise RuntimeError("this BiCodec was loaded with with_wav2vec2=False")
         out = []
@@ -430,26 +431,9 @@ class BiCodec(nn.Module):
         self, semantic: torch.Tensor, global_codes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate codes for :meth:`decode`: shapes (B, T) and (B, G), integers in range; as int64."""
-        semantic, global_codes = torch.as_tensor(semantic), torch.as_tensor(global_codes)
-        if semantic.dim() != 2 or global_codes.shape != (semantic.shape[0], self.num_global_tokens):
-            raise ValueError(f"expected semantic (B, T) and global (B, {self.num_global_tokens}) codes, "
-                             f"got {tuple(semantic.shape)} and {tuple(global_codes.shape)}")
-        for name, codes, size in (("semantic", semantic, self.semantic_codebook_size),
-                                  ("global", global_codes, self.global_codebook_size)):
-            if codes.is_floating_point() or codes.is_complex():
-                raise ValueError(f"{name} codes must be integers, got {codes.dtype}")
-            if codes.numel() and (codes.min() < 0 or codes.max() >= size):
-                lo, hi = int(codes.min()), int(codes.max())
-                raise ValueError(f"{name} codes must be in [0, {size}), got values in [{lo}, {hi}]")
-        return semantic.long().to(self._device), global_codes.long().to(self._device)
+        return check_codes(semantic, global_codes, self.num_global_tokens, self.semantic_codebook_size,
+                           self.global_codebook_size, self._device)
 
-
-def _check_batch(wavs: list[np.ndarray]) -> None:
-    if isinstance(wavs, np.ndarray) or not len(wavs):
-        raise ValueError("expected a non-empty list of (N,) waveforms")
-    for i, w in enumerate(wavs):
-        if np.ndim(w) != 1 or len(w) == 0:
-            raise ValueError(f"waveform {i} must be a non-empty (N,) array, got shape {np.shape(w)}")
 
 
 def _read_config(path: Path) -> BiCodecConfig:

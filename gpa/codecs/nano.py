@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gpa.audio import load_audio
+from gpa.codecs.checks import check_batch, check_codes
 from gpa.codecs.hifigan import HiFiGAN, HiFiGANConfig, MelSpectrogram
 from gpa.codecs.nano_stream import IncrementalDecoder
 from gpa.codecs.whisper_encoder import WhisperEncoder, WhisperEncoderConfig, log_mel
@@ -420,17 +421,17 @@ class NanoCodec(nn.Module):
 
     def encode_semantic(self, wavs: list[np.ndarray]) -> list[torch.Tensor]:
         """Semantic codes of each 16 kHz waveform: B tensors (T_i,) int64, T_i = num_codes(N_i)."""
-        _check_batch(wavs)
+        check_batch(wavs)
         return [self.semantic_kmeans(self.features(w)[0]).cpu() for w in wavs]
 
     def encode_asr(self, wavs: list[np.ndarray]) -> list[torch.Tensor]:
         """ASR codes (the GLM tokens' role): B tensors (ceil(T_i / asr_stride),) int64."""
-        _check_batch(wavs)
+        check_batch(wavs)
         return [self.asr_kmeans(self.features(w)[1]).cpu() for w in wavs]
 
     def encode_both(self, wavs: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(semantic codes, ASR codes) of each waveform with one encoder pass each."""
-        _check_batch(wavs)
+        check_batch(wavs)
         out = []
         for w in wavs:
             sem, asr = self.features(w)
@@ -453,25 +454,15 @@ class NanoCodec(nn.Module):
     @torch.inference_mode()
     def encode_global(self, wavs: list[np.ndarray]) -> torch.Tensor:
         """Global (speaker) codes: B 16 kHz waveforms -> (B, num_global_tokens) int64."""
-        _check_batch(wavs)
+        check_batch(wavs)
         return torch.cat([self.speaker.quantized(self.reference_mel(w)[None])[1] for w in wavs]).cpu()
 
     # --- decoding ---
 
     def check_codes(self, semantic: torch.Tensor, global_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate (B, T) semantic and (B, G) global codes: integers in range; as int64."""
-        semantic, global_codes = torch.as_tensor(semantic), torch.as_tensor(global_codes)
-        if semantic.dim() != 2 or global_codes.shape != (semantic.shape[0], self.num_global_tokens):
-            raise ValueError(f"expected semantic (B, T) and global (B, {self.num_global_tokens}) codes, "
-                             f"got {tuple(semantic.shape)} and {tuple(global_codes.shape)}")
-        for name, codes, size in (("semantic", semantic, self.semantic_codebook_size),
-                                  ("global", global_codes, self.global_codebook_size)):
-            if codes.is_floating_point() or codes.is_complex():
-                raise ValueError(f"{name} codes must be integers, got {codes.dtype}")
-            if codes.numel() and (codes.min() < 0 or codes.max() >= size):
-                lo, hi = int(codes.min()), int(codes.max())
-                raise ValueError(f"{name} codes must be in [0, {size}), got values in [{lo}, {hi}]")
-        return semantic.long().to(self._device), global_codes.long().to(self._device)
+        return check_codes(semantic, global_codes, self.num_global_tokens, self.semantic_codebook_size,
+                           self.global_codebook_size, self._device)
 
     @torch.inference_mode()
     def decode_mel(self, semantic: torch.Tensor, global_codes: torch.Tensor) -> torch.Tensor:
@@ -609,15 +600,8 @@ class NanoASRTokenizer:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        _check_batch(wavs)
+        check_batch(wavs)
         # exactly load_audio's normalisation (float64 arithmetic), so the cached features are found
         return self.codec.encode_asr([load_audio(np.asarray(w, dtype=np.float32), INPUT_RATE, normalize=True)
                                       for w in wavs])
 
-
-def _check_batch(wavs: list[np.ndarray]) -> None:
-    if isinstance(wavs, np.ndarray) or not len(wavs):
-        raise ValueError("expected a non-empty list of (N,) waveforms")
-    for i, w in enumerate(wavs):
-        if np.ndim(w) != 1 or len(w) == 0:
-            raise ValueError(f"waveform {i} must be a non-empty (N,) array, got shape {np.shape(w)}")
