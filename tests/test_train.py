@@ -217,6 +217,25 @@ def test_collate_masks_everything_but_the_continuation(data):
         assert labels[b, p.target_start : n].tolist() == p.target_ids
 
 
+def test_cached_prompts_equal_built_ones_and_are_built_once(corpus, data):
+    cached = PreparedData(corpus[1], cache_prompts=True)
+    for s in data.samples:
+        first = cached.prompt(s)
+        assert first.ids == data.prompt(s).ids and first.target_start == data.prompt(s).target_start
+        assert cached.prompt(s) is first  # the second call is the cache's
+
+
+def test_time_budget_stops_saves_and_resumes(corpus, tmp_path):
+    cfg = tiny_config(corpus[1], tmp_path / "run", max_steps=30, save_every=100, max_minutes=1e-6,
+                      cache_prompts=True)
+    first = train(cfg)
+    assert first.step == 1 and len(first.losses) == 1  # the budget ran out during the first step
+    assert latest_checkpoint(cfg.out_dir).name == "step-0000001"
+    assert _log(tmp_path / "run")[-1]["step"] == 1
+    again = train(cfg)  # resumes from step 1, spends its budget again
+    assert again.step == 2 and latest_checkpoint(cfg.out_dir).name == "step-0000002"
+
+
 def test_split_is_per_task_stable_and_keeps_a_training_record(data):
     held = split_records(data.records, 0.3, seed=0)
     assert held == split_records(list(reversed(data.records)), 0.3, seed=0) or True  # indices differ; ids below

@@ -57,10 +57,16 @@ class CorpusConfig:
     real: bool = True  # include cathy and the LibriSpeech excerpts
     min_chars: int = text.MIN_CHARS  # cleaned sentence length bounds
     max_chars: int = text.MAX_CHARS
+    skip_sentences: int = 0  # leave out the first N chosen train sentences (an earlier part of the corpus has them)
+    voices_per_sentence: int | None = None  # None: every seen voice speaks every train sentence; k: k of them
 
     def __post_init__(self) -> None:
         if self.sentences < 1 or self.workers < 1:
             raise ValueError(f"sentences and workers must be >= 1, got {self.sentences} and {self.workers}")
+        if self.skip_sentences < 0:
+            raise ValueError(f"skip_sentences must be >= 0, got {self.skip_sentences}")
+        if self.voices_per_sentence is not None and self.voices_per_sentence < 1:
+            raise ValueError(f"voices_per_sentence must be >= 1 or None, got {self.voices_per_sentence}")
         if self.heldout_sentences is not None and self.heldout_sentences < 0:
             raise ValueError(f"heldout_sentences must be >= 0, got {self.heldout_sentences}")
         if not self.voices:
@@ -114,7 +120,8 @@ def choose_sentences(cfg: CorpusConfig, data_dir: Path | None) -> list[text.Sent
     cathy = None if data_dir is None else data_dir / real.CATHY
     pools = {s: list(text.pool(text.read_source(s, cathy), s, seen, cfg.min_chars, cfg.max_chars))
              for s in cfg.sources}
-    train = text.select({k: [s for s in p if not s.heldout] for k, p in pools.items()}, cfg.sentences, cfg.seed)
+    train = text.select({k: [s for s in p if not s.heldout] for k, p in pools.items()},
+                        cfg.skip_sentences + cfg.sentences, cfg.seed)[cfg.skip_sentences:]
     held = text.select({k: [s for s in p if s.heldout] for k, p in pools.items()}, cfg.n_heldout, cfg.seed)
     return train + held
 
@@ -126,8 +133,13 @@ def speakers_of(cfg: CorpusConfig) -> tuple[list[Speaker], dict[str, str]]:
     return [Speaker(v, p) for v in ok for p in (None, *perturbations)], missing
 
 
-def plan(speakers: list[Speaker], sentences: list[text.Sentence]) -> list[list[Job]]:
+def plan(speakers: list[Speaker], sentences: list[text.Sentence],
+         voices_per_sentence: int | None = None) -> list[list[Job]]:
     """Batches of jobs: seen speakers x all sentences, held-out speakers x held-out sentences.
+
+    With ``voices_per_sentence`` = k, train sentence number i (in chosen order) is spoken by the seen speakers
+    i*k .. i*k+k-1 (cyclically), so every seen speaker gets the same share and the text varies k-fold more
+    per hour of audio; held-out sentences are still spoken by every speaker.
 
     Sentences go in chunks of BATCH_SENTENCES, train and held-out ones interleaved in proportion, each in
     its chosen order; a batch is one speaker's jobs of one chunk (one festival process). So the files of an
@@ -137,13 +149,26 @@ def plan(speakers: list[Speaker], sentences: list[text.Sentence]) -> list[list[J
     buckets = {False: [s for s in sentences if not s.heldout], True: [s for s in sentences if s.heldout]}
     progress = {s.id: i / len(b) for b in buckets.values() for i, s in enumerate(b)}
     order = sorted(sentences, key=lambda s: progress[s.id])
+    seen = [sp.name for sp in speakers if sp.voice.name not in voices.HELDOUT_VOICES]
+    k = len(seen) if voices_per_sentence is None else min(voices_per_sentence, len(seen))
+    train_rank = {s.id: i for i, s in enumerate(buckets[False])}
+
+    def speaks(sp: Speaker, s: text.Sentence) -> bool:
+        if s.heldout:
+            return True
+        if sp.voice.name in voices.HELDOUT_VOICES:
+            return False
+        return (seen.index(sp.name) - train_rank[s.id] * k) % len(seen) < k
+
+    # A batch keeps about BATCH_SENTENCES jobs per engine process when each speaker has only a share of them.
+    chunk = BATCH_SENTENCES * max(1, len(seen) // k) if seen else BATCH_SENTENCES
     batches = []
-    for start in range(0, len(order), BATCH_SENTENCES):
+    for start in range(0, len(order), chunk):
         for sp in speakers:
             held_voice = sp.voice.name in voices.HELDOUT_VOICES
             batch = [Job(sp, s, "heldout_voice" if held_voice else ("heldout_text" if s.heldout else "train"),
                          f"{WAV_DIR}/{sp.name}/{s.id}.wav")
-                     for s in order[start : start + BATCH_SENTENCES] if s.heldout or not held_voice]
+                     for s in order[start : start + chunk] if speaks(sp, s)]
             if batch:
                 batches.append(batch)
     return batches
@@ -244,7 +269,7 @@ def build_corpus(out_dir: str | Path, config: CorpusConfig = CorpusConfig(), pro
                                                     for s in sentences))
     for stale in (out / WAV_DIR).glob("*/.*.partial"):  # left by a killed run
         stale.unlink()
-    entries, new, reused, failed = synthesise_all(plan(speakers, sentences), out, config.workers, progress)
+    entries, new, reused, failed = synthesise_all(plan(speakers, sentences, config.voices_per_sentence), out, config.workers, progress)
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         groups[e.split].append(e)

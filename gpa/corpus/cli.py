@@ -38,6 +38,10 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
                    help="real recordings (cathy/, librispeech-excerpts/); default: $GPA_DATA or shared/data beside "
                         "the repository")
     p.add_argument("--no-real", action="store_true", help="leave out the real recordings")
+    p.add_argument("--skip-sentences", type=int, default=0,
+                   help="leave out the first N chosen train sentences (built already in another corpus part)")
+    p.add_argument("--voices-per-sentence", type=int, default=None,
+                   help="each train sentence spoken by this many seen voices, in rotation (default: all of them)")
     p.add_argument("--list-voices", action="store_true", help="print the voice registry as JSON lines and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = CorpusConfig(sentences=args.sentences, heldout_sentences=args.heldout_sentences,
                        voices=tuple(args.voices), perturbations=tuple(args.perturbations),
                        sources=tuple(args.sources), seed=args.seed, workers=args.workers, data_dir=args.data_dir,
-                       real=not args.no_real)
+                       real=not args.no_real, skip_sentences=args.skip_sentences,
+                       voices_per_sentence=args.voices_per_sentence)
     summary = build_corpus(args.out, cfg, progress=not args.no_progress)
     print(json.dumps(asdict(summary), indent=1))
     return 1 if summary.failed else 0

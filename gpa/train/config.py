@@ -64,6 +64,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     bucket_batches: int = 32  # length bucketing: batches are cut from windows of this many, sorted by length
     max_steps: int = 1000  # optimizer steps
+    max_minutes: float = 0.0  # > 0: also stop (and save) after the step that ends this wall-clock budget
     lr: float = 3e-4  # peak learning rate
     min_lr: float = 3e-5  # cosine floor
     warmup_steps: int = 100  # linear warm-up from 0
@@ -86,6 +87,7 @@ class TrainConfig:
     eval_every: int = 200  # steps between held-out evaluations (0: only at the end)
     save_every: int = 200  # steps between checkpoints (the last step is always saved)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    cache_prompts: bool = False  # keep every built prompt in memory (fast models, e.g. on a GPU; ~0.3 KB per token)
 
     def __post_init__(self) -> None:
         _check_tasks(tuple(self.task_weights), "task_weights")

@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, progress: bool = False) -> TrainResult:
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, progress: bool) -> TrainResult:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = PreparedData(cfg.data)
+    data = PreparedData(cfg.data, cache_prompts=cfg.cache_prompts)
     train_samples, eval_samples = split_samples(data, cfg)
     if cfg.batch_size < d.world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {d.world} processes")
@@ -330,6 +330,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, progress: bool) -> T
     result = TrainResult(start, ckpt)
     window = [0, 0.0]  # tokens and seconds since the last log line
     model.train()
+    began = time.monotonic()
     for step in _steps(start, cfg.max_steps, progress and d.main):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
@@ -341,17 +342,23 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, progress: bool) -> T
         window[1] += time.perf_counter() - t0
         result.losses.append(loss)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        out_of_time = cfg.max_minutes > 0 and _all_reduce(
+            torch.tensor(float(time.monotonic() - began > 60 * cfg.max_minutes), device=device)).item() > 0
+        last = done == cfg.max_steps or out_of_time
+        if done % cfg.log_every == 0 or last:
             speed = window[0] / window[1]
             log.write(step=done, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=speed)
             logger.info("step %d loss %.4f lr %.2e grad %.2f %.0f tok/s", done, loss, lr, norm, speed)
             window = [0, 0.0]
-        if eval_samples and (done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+        if eval_samples and (last or (cfg.eval_every and done % cfg.eval_every == 0)):
             result.eval_losses = evaluate(model, data, eval_samples, cfg.batch_size, d, device, amp)
             log.write(step=done, eval=result.eval_losses)
             logger.info("step %d held-out loss %s", done, result.eval_losses)
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        if done % cfg.save_every == 0 or last:
             result.checkpoint = save_checkpoint(out, done, model, opt, {**meta, "position": list(position)},
                                                 d.rank, cfg.keep_checkpoints)
-    result.step = max(result.step, cfg.max_steps)
+        result.step = done
+        if out_of_time:
+            logger.info("stopped at step %d: the %.1f-minute budget is spent", done, cfg.max_minutes)
+            break
     return result
