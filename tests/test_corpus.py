@@ -308,3 +308,28 @@ def test_voices_without_their_engine_are_skipped_with_the_reason(monkeypatch: py
                                     "festival_kal": "festival not found (Debian package festival + festvox-*)"}
     with pytest.raises(ValueError, match="none of the voices .* can run here"):
         build_corpus(tmp_path / "c", _config(voices=("flite_slt",), sources=("fortunes",), real=False))
+
+
+def test_a_corpus_grows_by_more_sentences_in_fewer_voices_each() -> None:
+    # voices_per_sentence=k: each train sentence in exactly k seen voices, every seen voice an equal share,
+    # held-out sentences in every voice; skip_sentences continues the seeded choice without overlap.
+    from gpa.corpus.build import choose_sentences, plan
+
+    speakers = [Speaker(REGISTRY[v]) for v in REGISTRY if v not in HELDOUT_VOICES][:6]
+    first = choose_sentences(_config(sentences=30, heldout_sentences=0, sources=("fortunes",)), None)
+    more = choose_sentences(_config(sentences=60, heldout_sentences=4, skip_sentences=30, sources=("fortunes",)), None)
+    both = choose_sentences(_config(sentences=90, heldout_sentences=0, sources=("fortunes",)), None)
+    train_more = [s for s in more if not s.heldout]
+    assert [s.id for s in first + train_more] == [s.id for s in both]  # a continuation of the same choice
+    jobs = [j for batch in plan(speakers, more, voices_per_sentence=2) for j in batch]
+    per_sentence: dict[str, set[str]] = {}
+    for j in jobs:
+        per_sentence.setdefault(j.sentence.id, set()).add(j.speaker.name)
+    assert all(len(per_sentence[s.id]) == 2 for s in train_more)
+    assert all(per_sentence[s.id] == {sp.name for sp in speakers} for s in more if s.heldout)
+    share = [sum(j.speaker.name == sp.name and j.split == "train" for j in jobs) for sp in speakers]
+    assert share == [len(train_more) * 2 // len(speakers)] * len(speakers)
+    everyone = [j for batch in plan(speakers, more) for j in batch]
+    assert len(everyone) == len(more) * len(speakers)
+    with pytest.raises(ValueError, match="voices_per_sentence"):
+        _config(voices_per_sentence=0)
