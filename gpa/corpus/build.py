@@ -269,7 +269,8 @@ def build_corpus(out_dir: str | Path, config: CorpusConfig = CorpusConfig(), pro
                                                     for s in sentences))
     for stale in (out / WAV_DIR).glob("*/.*.partial"):  # left by a killed run
         stale.unlink()
-    entries, new, reused, failed = synthesise_all(plan(speakers, sentences, config.voices_per_sentence), out, config.workers, progress)
+    jobs = plan(speakers, sentences, config.voices_per_sentence)
+    entries, new, reused, failed = synthesise_all(jobs, out, config.workers, progress)
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         groups[e.split].append(e)

@@ -21,6 +21,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                  num_key_value_heads=1, head_dim=32, max_position_embeddings=4096),
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64, max_position_embeddings=4096),
+    "medium": dict(hidden_size=320, intermediate_size=960, num_hidden_layers=6, num_attention_heads=5,
+                   num_key_value_heads=1, head_dim=64, max_position_embeddings=4096),
 }
 
 

@@ -80,6 +80,8 @@ def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
         device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(device_pref)
+    if device.type == "cuda" and device.index is None:  # "cuda": this process's GPU (set_device needs an index)
+        device = torch.device("cuda", d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

@@ -3,15 +3,16 @@
 Every step writes its own folder under ``OUT`` and is skipped when that folder is complete, so an
 interrupted run resumes where it stopped (the LLM run resumes from its newest checkpoint)::
 
-    OUT/corpus/            gpa corpus (Debian/PyPI voices + shared/data recordings)
+    OUT/corpus/            gpa corpus (Debian/PyPI voices + shared/data recordings): 1,500 sentences x 12 voices
+    OUT/corpus-extra/      10,000 further sentences, one voice each (text diversity for the LLM)
     OUT/codec/pretrained   Whisper tiny.en encoder + HiFi-GAN universal, converted to safetensors
     OUT/codec/features-*   encoder features on both code grids + vocoder log-mel targets
     OUT/codec/kmeans       semantic and ASR codebooks
     OUT/codec/speaker      token decoder + speaker encoder, jointly trained
     OUT/codec/final        the decoder trained further with the speaker encoder frozen
     OUT/seed               tokenizer + LLM config at initial weights + the codec (for gpa prepare)
-    OUT/data               gpa prepare of the corpus' train_gpa.jsonl
-    OUT/run                gpa train from scratch
+    OUT/data               gpa prepare of both corpora's train_gpa.jsonl
+    OUT/run                gpa train from scratch (on a GPU when there is one: minutes; days on 2 CPU cores)
     OUT/gpa-nano           the bundle: LLM (float16) + final codec (int8 matrices) + tokenizer
 """
 
@@ -56,16 +57,19 @@ class NanoRecipe:
 
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(sentences=1500, workers=2))
     corpus_dir: str = ""  # an existing corpus folder to use instead of building OUT/corpus
+    extra_corpus: CorpusConfig | None = field(default_factory=lambda: CorpusConfig(
+        sentences=10000, skip_sentences=1500, heldout_sentences=0, voices_per_sentence=1, real=False, workers=2))
+    extra_corpus_dir: str = ""  # an existing folder for extra_corpus instead of building OUT/corpus-extra
     codec: NanoCodecConfig = field(default_factory=lambda: NanoCodecConfig(decoder_dim=192))
     codec_utterances_per_voice: int = 400  # synthetic utterances per seen voice for codec training (+ all real)
     workers: int = 2  # processes for feature extraction
     speaker_minutes: float = 18.0  # joint decoder + speaker encoder training (2 threads: 2,225 steps for the bundle)
     decoder_minutes: float = 95.0  # decoder alone, speaker encoder frozen (1 thread: 8,328 steps for the bundle)
     text_vocab: int = 1024  # byte-level BPE ids (including the 256 bytes)
-    model: str = "small"  # LLM preset (gpa.train.config.MODEL_PRESETS) or ModelConfig JSON
+    model: str = "medium"  # LLM preset (gpa.train.config.MODEL_PRESETS) or ModelConfig JSON
     train: dict[str, Any] = field(default_factory=lambda: dict(  # gpa.train.config.TrainConfig fields
-        batch_size=16, lr=1.5e-3, min_lr=1e-4, warmup_steps=150, max_steps=3300, threads=1, eval_every=1100,
-        save_every=200, max_len=1024))
+        batch_size=128, lr=1.5e-3, min_lr=1e-4, warmup_steps=300, weight_decay=0.1, max_steps=2781,
+        eval_every=347, save_every=347, max_len=1024, cache_prompts=True, keep_checkpoints=2))
     seed: int = 0
 
 
@@ -153,6 +157,11 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
     if not recipe.corpus_dir:
         step("corpus")
         build_corpus(corpus, recipe.corpus, progress=progress)
+    extra = Path(recipe.extra_corpus_dir) if recipe.extra_corpus_dir else out / "corpus-extra"
+    if recipe.extra_corpus is not None and not recipe.extra_corpus_dir:
+        step("extra corpus")
+        build_corpus(extra, recipe.extra_corpus, progress=progress)
+    manifests = [corpus / "train_gpa.jsonl"] + ([extra / "train_gpa.jsonl"] if recipe.extra_corpus else [])
     codec_dir = out / "codec"
     codec_dir.mkdir(exist_ok=True)
     if not _done(codec_dir / "pretrained"):
@@ -199,8 +208,8 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
     data = out / "data"
     if not (data / "index.jsonl").is_file():
         step("prepare")
-        prepare(PrepareConfig(checkpoint=str(seed_dir), manifests=(str(corpus / "train_gpa.jsonl"),),
-                              out_dir=str(data)), progress=progress)
+        prepare(PrepareConfig(checkpoint=str(seed_dir), manifests=tuple(map(str, manifests)), out_dir=str(data)),
+                progress=progress)
     run = out / "run"
     step("LLM training")
     from gpa.train.loop import train

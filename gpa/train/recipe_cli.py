@@ -15,13 +15,16 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("name", choices=["nano"], help="which recipe")
     p.add_argument("out", help="work folder: every step's output goes here; re-running resumes")
     p.add_argument("--corpus", default="", help="use this existing `gpa corpus` folder instead of building one")
+    p.add_argument("--corpus-extra", default="",
+                   help="use this existing folder for the extra sentences (gpa corpus --skip-sentences 1500 "
+                        "--sentences 10000 --heldout-sentences 0 --voices-per-sentence 1 --no-real)")
     p.add_argument("--speaker-minutes", type=float, default=None,
                    help="joint token-decoder + speaker-encoder training time (default: the recipe's)")
     p.add_argument("--decoder-minutes", type=float, default=None,
                    help="further token-decoder training time, speaker encoder frozen (default: the recipe's)")
     p.add_argument("--max-steps", type=int, default=None, help="LLM optimizer steps (default: the recipe's)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads of the LLM training (default: the recipe's, 1)")
+                   help="torch CPU threads of the LLM training (default: torch's)")
     p.add_argument("--workers", type=int, default=2, help="processes for features; threads of codec training")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -36,10 +39,11 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(args.log_level)
     d = NanoRecipe()
     pick = lambda v, default: default if v is None else v  # noqa: E731
-    recipe = replace(d, corpus_dir=args.corpus, speaker_minutes=pick(args.speaker_minutes, d.speaker_minutes),
+    recipe = replace(d, corpus_dir=args.corpus, extra_corpus_dir=args.corpus_extra,
+                     speaker_minutes=pick(args.speaker_minutes, d.speaker_minutes),
                      decoder_minutes=pick(args.decoder_minutes, d.decoder_minutes), workers=max(1, args.workers),
                      train={**d.train, "max_steps": pick(args.max_steps, d.train["max_steps"]),
-                            "threads": pick(args.threads, d.train["threads"])})
+                            "threads": pick(args.threads, d.train.get("threads", 0))})
     bundle = run_recipe(args.out, recipe, progress=not args.no_progress)
     print(json.dumps({"bundle": str(bundle)}))
     return 0
