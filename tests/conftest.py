@@ -55,6 +55,16 @@ def golden_inputs(fixtures: Path, expected: dict) -> dict[str, Path]:
     return {name: fixtures / "golden" / info["path"] for name, info in expected["files"].items()}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
+    machine shared with other jobs two spinning threads can be far slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of a against reference b."""
     a, b = a.detach().double().flatten(), b.detach().double().flatten()

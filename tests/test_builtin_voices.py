@@ -32,13 +32,7 @@ from gpa.voices import UnknownVoiceError, VoiceError, builtin_voices, default_vo
 TTS = {"seed": 0, "max_new_tokens": 12}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Torch on one thread: on a machine shared with other jobs two spinning threads can be far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 import gpa
 from gpa.checkpoint import Checkpoint
@@ -27,12 +26,7 @@ SEEN = "I never saw anything like her in my life."  # a train-bucket sentence (g
 SEEN_RECORDING = Path("data") / "cathy" / "arctic_a0572_1592701880.flac"  # cathy saying it (a train recording)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bundle_is_complete_small_and_the_default(bundled_model, monkeypatch):

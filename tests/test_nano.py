@@ -34,13 +34,7 @@ CLIPS = {  # CC0 clips of one speaker (../shared/data/cathy) with their transcri
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Torch on one thread: on a machine shared with other jobs two spinning threads can be far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,7 @@ from gpa.codecs.nano import NanoCodec, WindowedDecoder
 from gpa.codecs.nano_stream import IncrementalDecoder
 from gpa.engine.streaming import AudioStreamer, StreamConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Torch on one thread: on a machine shared with other jobs two spinning threads can be far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def audible(codec: NanoCodec) -> NanoCodec:
