@@ -1,9 +1,10 @@
 """The GPA-nano shipped in the package: complete, small, the default model, and it does the job on real input.
 
-GPA-nano is weak away from its training sentences (its model card has the evaluation), so these checks
-use a sentence it was trained on (cathy's recording of it is in shared/data). The bounds are its measured
-behaviour with margin (ASR of the recording: 0 % WER; TTS -> ASR round trip: 56 % WER, 45-55 % CER); a
-broken bundle (wrong codec, tokenizer, voices or weights) gives ~100 %.
+GPA-nano is far better on its training sentences than away from them (its model card has the evaluation on
+held-out ones), so these checks use a sentence it was trained on (cathy's recording of it is in shared/data).
+The bounds are its measured behaviour with margin (ASR of the recording: 0 % WER; TTS -> ASR round trip with
+seeds 0 / 1: 0 % / 22 % WER, 0 % / 12 % CER); a broken bundle (wrong codec, tokenizer, voices or weights)
+gives ~100 %.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def test_tts_then_asr_recovers_the_text(bundled_model):
         wav, sr = model.tts(SEEN, seed=seed)
         assert sr == 22050 and 1.0 < len(wav) / sr < 8.0 and np.isfinite(wav).all()
         rates.append(errors(SEEN, model.asr((wav, sr))))
-    assert min(e.wer for e in rates) <= 0.7 and sum(e.cer for e in rates) / 2 <= 0.7, rates
+    assert min(e.wer for e in rates) <= 0.25 and sum(e.cer for e in rates) / 2 <= 0.3, rates
 
 
 @pytest.mark.slow
@@ -71,4 +72,4 @@ def test_readme_command_runs_offline_on_the_bundle(bundled_model, tmp_path):
     samples, sr = sf.read(out)
     assert sr == 22050 and len(samples) > sr
     done = subprocess.run([*run, "asr", str(out)], check=True, env=env, capture_output=True, text=True, timeout=300)
-    assert errors(SEEN, done.stdout.strip()).cer <= 0.8, done.stdout
+    assert errors(SEEN, done.stdout.strip()).cer <= 0.35, done.stdout
