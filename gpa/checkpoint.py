@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ def resolve_model(path: str | Path | None) -> Path:
                           f"pass --model DIR (a GPA checkpoint directory) or set GPA_MODEL")
 
 
+INFERENCE_FILE = "inference.json"  # optional: per device type, the speed settings used when none are given
+INFERENCE_KEYS = ("quantize", "vocoder_dtype")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """Paths of a GPA checkpoint directory: the official layout, or GPA-nano's (``nano-codec/`` instead of
@@ -75,6 +80,25 @@ class Checkpoint:
     def kind(self) -> str:
         """"nano" when the directory holds a GPA-nano codec (``nano-codec/``), else "official"."""
         return "nano" if (self.nano_codec / "config.json").is_file() else "official"
+
+    @property
+    def inference_file(self) -> Path:
+        return self.root / INFERENCE_FILE
+
+    def inference_defaults(self, device: torch.device) -> dict[str, str]:
+        """The speed settings the checkpoint asks for on ``device``'s type when the caller gives none, from its
+        optional ``inference.json`` ({"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16"}}); {} without."""
+        if not self.inference_file.is_file():
+            return {}
+        try:
+            table = json.loads(self.inference_file.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{self.inference_file} is not valid JSON: {e}") from e
+        chosen = table.get(device.type, {}) if isinstance(table, dict) else None
+        if not isinstance(chosen, dict) or set(chosen) - set(INFERENCE_KEYS):
+            raise CheckpointError(f"{self.inference_file}: expected {{device type: {{setting: value}}}} with "
+                                  f"settings among {INFERENCE_KEYS}, got {table!r}")
+        return {k: str(v) for k, v in chosen.items()}
 
     def codec_dirs(self) -> list[Path]:
         """The codec directories a copy of this checkpoint needs."""

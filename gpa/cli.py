@@ -27,9 +27,21 @@ class CLIError(Exception):
     """A usage problem found after parsing (reported without a traceback, exit code 2)."""
 
 
+SPEED_DEFAULT = "default: the checkpoint's inference.json for the device, else "
+
+
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    """--quantize and --vocoder-dtype, whose defaults come from the checkpoint (GPA-nano: int8, bfloat16 on CPU)."""
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help=f"LLM weight quantization ({SPEED_DEFAULT}none)")
+    p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
+                   help=f"precision of the codec's decoder ({SPEED_DEFAULT}float32; bfloat16 ~1.7x faster on CPU)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    _add_speed(p)
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature; 0 is greedy (default: task's)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: task's)")
@@ -175,9 +187,7 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                        formatter_class=fmt)
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
-    p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="BiCodec decoding precision (default: as loaded, float32; bfloat16 ~1.7x faster, ~30 dB SNR)")
+    _add_speed(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", default=None,
@@ -317,7 +327,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     model = _model_dir(args.model)
     from gpa.api import load
 
-    return load(model, device=args.device)
+    return load(model, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype)
 
 
 def cmd_asr(args: argparse.Namespace) -> int:
@@ -444,7 +454,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine=EngineConfig(max_slots=args.max_slots, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
                             backend=args.backend, vllm=vllm, vocoder_dtype=args.vocoder_dtype),
         **{k: v for k, v in optional.items() if v is not None})
-    model = load(model_dir, device=args.device, quantize=args.quantize)
+    model = load(model_dir, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype)
     serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

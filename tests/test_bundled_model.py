@@ -3,8 +3,8 @@
 GPA-nano is far better on its training sentences than away from them (its model card has the evaluation on
 held-out ones), so these checks use a sentence it was trained on (cathy's recording of it is in shared/data).
 The bounds are its measured behaviour with margin (ASR of the recording: 0 % WER; TTS -> ASR round trip with
-seeds 0 / 1: 0 % / 22 % WER, 0 % / 12 % CER); a broken bundle (wrong codec, tokenizer, voices or weights)
-gives ~100 %.
+seeds 0 / 1: 0 % / 0 % WER with the bundle's CPU settings, int8 + bfloat16; 0 % / 22 % WER, 0 % / 12 % CER in
+float32); a broken bundle (wrong codec, tokenizer, voices or weights) gives ~100 %.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 import gpa
 from gpa.checkpoint import Checkpoint
@@ -37,6 +38,10 @@ def test_bundle_is_complete_small_and_the_default(bundled_model, monkeypatch):
     assert size < BUNDLE_LIMIT, f"bundle is {size / 1e6:.1f} MB"
     model = gpa.load(device="cpu")
     assert model.root.resolve() == bundled_model.resolve() and model.sample_rate == 22050
+    # its inference.json: int8 LLM and bfloat16 decoding on CPU unless the caller says otherwise
+    assert model.lm.weight_quant == "int8" and model.bicodec.decode_dtype == torch.bfloat16
+    exact = gpa.load(device="cpu", quantize="none", vocoder_dtype="float32")
+    assert exact.lm.weight_quant == "none" and exact.bicodec.decode_dtype == torch.float32
     voices = model.builtin_voices()
     assert voices and all(v.licence for v in voices.values())
     card = (bundled_model / "README.md").read_text()

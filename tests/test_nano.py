@@ -388,3 +388,27 @@ def test_default_model_reaches_the_api_and_cli(nano_dir, cathy, tmp_path, capsys
     capsys.readouterr()
     assert main(["asr", clip, "--model", str(tmp_path), "--no-progress"]) == 1  # an explicit path wins
     assert "missing: config.json" in capsys.readouterr().err
+
+
+def test_inference_json_sets_speed_defaults_and_is_checked(nano_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for item in nano_dir.iterdir():
+        (ckpt / item.name).symlink_to(item)
+    plain = gpa.load(ckpt, device="cpu")
+    assert plain.lm.weight_quant == "none" and plain.bicodec.decode_dtype == torch.float32
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16"},
+                                                     "cuda": {"vocoder_dtype": "float32"}}))
+    fast = gpa.load(ckpt, device="cpu")
+    assert fast.lm.weight_quant == "int8" and fast.bicodec.decode_dtype == torch.bfloat16
+    wav, sr = fast.tts("Hello there.", seed=0, max_new_tokens=20)
+    assert wav.dtype == np.float32 and np.isfinite(wav).all()
+    mixed = gpa.load(ckpt, device="cpu", vocoder_dtype="float32")  # the caller's choice wins
+    assert mixed.lm.weight_quant == "int8" and mixed.bicodec.decode_dtype == torch.float32
+    for bad in ("{not json", json.dumps({"cpu": {"threads": 4}}), json.dumps(["int8"])):
+        (ckpt / "inference.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="inference.json"):
+            gpa.load(ckpt, device="cpu")
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"vocoder_dtype": "float16"}}))
+    with pytest.raises(ValueError, match="vocoder_dtype"):
+        gpa.load(ckpt, device="cpu")

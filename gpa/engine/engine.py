@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gpa.api import GPA, Audio, Voice
+from gpa.api import GPA, VOCODER_DTYPES, Audio, Voice
 from gpa.config import Task
 from gpa.engine.backend import BACKENDS, Backend, FinishReason, TorchBackend, VLLMOptions
 from gpa.engine.request import AudioChunk, EngineError, EngineOverloaded, EngineRequest, Event, Finished, TextDelta
@@ -26,9 +26,6 @@ from gpa.engine.streaming import AudioStreamer, StreamConfig, TextStreamer, rece
 from gpa.generation import GenerationRequest
 
 logger = logging.getLogger(__name__)
-
-
-VOCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

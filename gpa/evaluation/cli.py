@@ -44,7 +44,10 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("--save-audio", type=Path, default=None, help="keep the synthesised audio in this directory")
     p.add_argument("--no-warmup", action="store_true", help="time the first model call of each task too")
     p.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help="LLM weight quantization (default: the checkpoint's inference.json, else none)")
+    p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="precision of the codec's decoder (default: the checkpoint's inference.json, else float32)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: task's)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: task's)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: task's)")
@@ -116,8 +119,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.model:
         from gpa.api import load
 
-        model = load(args.model, device=args.device, quantize=args.quantize)
-    settings = {"model": str(Path(args.model).resolve()) if args.model else None, "quantize": args.quantize,
+        model = load(args.model, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype)
+    settings = {"model": str(Path(args.model).resolve()) if args.model else None,
+                "quantize": model.lm.weight_quant if model is not None else None,
+                "vocoder_dtype": str(model.bicodec.decode_dtype).removeprefix("torch.") if model is not None else None,
                 "device": str(model.device) if model is not None else None}
     report = evaluate(model, test_sets, spec, judges, references, _options(args), args.save_audio,
                       progress=not args.no_progress, settings=settings)
