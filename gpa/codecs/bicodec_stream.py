@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -304,25 +304,25 @@ def decoder_ops(codec: BiCodec, cond: torch.Tensor) -> Chain:
     return Chain(ops)
 
 
-class IncrementalDecoder:
-    """One stream's BiCodec decoder state: push codes, get the waveform samples that are final.
+class StreamDecoder:
+    """What every codec's incremental decoder shares: the stream state (codes in, samples out), its limits and
+    its copy. A codec's subclass builds :attr:`ops` and says how codes enter them (:meth:`_input`) and how
+    final samples are handed out (:meth:`_out`)."""
 
-    Build with :meth:`BiCodec.incremental_decoder`. The concatenation of every :meth:`push` and the
-    :meth:`finish` output equals ``BiCodec.decode`` of all the codes (float rounding aside).
-    """
+    ops: Op
 
-    def __init__(self, codec: BiCodec, global_codes: torch.Tensor) -> None:
+    def __init__(self, codec: Any, global_codes: torch.Tensor) -> None:
         self.codec = codec
         global_codes = torch.as_tensor(global_codes)
         if global_codes.dim() != 2:
             raise ValueError(f"expected global codes (B, {codec.num_global_tokens}), got {tuple(global_codes.shape)}")
         _, self.global_codes = codec.check_codes(torch.zeros(len(global_codes), 0, dtype=torch.long), global_codes)
-        cond = codec.decode_condition(self.global_codes)  # (B, condition_dim)
-        self.ops = decoder_ops(codec, cond)
-        assert self.ops.rate == codec.hop_length, f"decoder rate {self.ops.rate} != hop {codec.hop_length}"
         self.frames = 0  # codes pushed
         self.samples = 0  # samples returned
         self.finished = False
+
+    def _check_ops(self) -> None:
+        assert self.ops.rate == self.codec.hop_length, f"decoder rate {self.ops.rate} != hop {self.codec.hop_length}"
 
     @property
     def lag(self) -> int:
@@ -331,7 +331,7 @@ class IncrementalDecoder:
 
     @property
     def lookahead(self) -> int:
-        """Codes needed after a frame before all of its samples are final: ceil(lag / hop_length)."""
+        """Codes needed after a code before all of its samples are final: ceil(lag / hop_length)."""
         return math.ceil(self.ops.lag / self.codec.hop_length)
 
     @torch.inference_mode()
@@ -342,43 +342,71 @@ class IncrementalDecoder:
             semantic: (B, T) integer codes in [0, semantic_codebook_size), T >= 0.
 
         Returns:
-            (B, N) float32 samples at 16 kHz, continuing the previous outputs (N may be 0).
+            (B, N) float32 samples at the codec's sample rate, continuing the previous outputs (N may be 0).
         """
         if self.finished:
             raise RuntimeError("push() after finish(): this decoder's stream has ended")
+        self._check_state()
         semantic, _ = self.codec.check_codes(semantic, self.global_codes)
         if not semantic.shape[1]:
-            return self._out(None)
+            return self._out(None, final=False)
         self.frames += semantic.shape[1]
-        return self._out(self.ops.step(self.codec.decode_latents(semantic)))
+        return self._out(self.ops.step(self._input(semantic)), final=False)
 
     @torch.inference_mode()
     def finish(self) -> torch.Tensor:
         """End the stream: return the remaining samples (B, N), float32."""
         if self.finished:
             raise RuntimeError("finish() called twice")
+        self._check_state()
         self.finished = True
-        out = self._out(self.ops.flush())
+        out = self._out(self.ops.flush(), final=True)
         assert self.samples == self.frames * self.codec.hop_length, (self.samples, self.frames)
         return out
 
-    @torch.inference_mode()
     def preview(self) -> torch.Tensor:
         """The samples :meth:`finish` would return now, without ending the stream (B, N), float32.
 
-        They are exact only if no more codes come; a stream that goes on changes the last ``lag``
-        of them. Costs the work of decoding about ``lag / hop_length`` frames.
+        They are exact only if no more codes come; a stream that goes on changes the last ``lag`` of them.
+        Costs the work of decoding about ``lookahead`` codes.
         """
         return self.copy().finish()
 
-    def copy(self) -> IncrementalDecoder:
+    def copy(self) -> StreamDecoder:
         """An independent copy of the state (cheap: it holds only each layer's left context)."""
-        new = object.__new__(IncrementalDecoder)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.ops = self.ops.copy()
         return new
 
-    def _out(self, y: Frames) -> torch.Tensor:
+    def _check_state(self) -> None:
+        """Raise when the stream can no longer go on (a subclass's own conditions)."""
+
+    def _input(self, semantic: torch.Tensor) -> torch.Tensor:
+        """(B, T) checked codes -> the first op's input (B, C, T)."""
+        raise NotImplementedError
+
+    def _out(self, y: Frames, final: bool) -> torch.Tensor:
+        """New final samples (B, 1, N) or None -> the samples to hand out now (B, M) float32."""
+        raise NotImplementedError
+
+
+class IncrementalDecoder(StreamDecoder):
+    """One stream's BiCodec decoder state: push codes, get the waveform samples that are final.
+
+    Build with :meth:`BiCodec.incremental_decoder`. The concatenation of every :meth:`push` and the
+    :meth:`finish` output equals ``BiCodec.decode`` of all the codes (float rounding aside).
+    """
+
+    def __init__(self, codec: BiCodec, global_codes: torch.Tensor) -> None:
+        super().__init__(codec, global_codes)
+        self.ops = decoder_ops(codec, codec.decode_condition(self.global_codes))  # condition (B, condition_dim)
+        self._check_ops()
+
+    def _input(self, semantic: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode_latents(semantic)
+
+    def _out(self, y: Frames, final: bool) -> torch.Tensor:
         if y is None:
             return torch.zeros(self.global_codes.shape[0], 0)
         self.samples += y.shape[-1]

@@ -23,14 +23,24 @@ which holds back less than one code's samples.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from gpa.codecs.bicodec_stream import Chain, Conv, ConvTranspose, Frames, Op, Parallel, Pointwise, Residual, _cat
+from gpa.codecs.bicodec_stream import (
+    Chain,
+    Conv,
+    ConvTranspose,
+    Frames,
+    Op,
+    Parallel,
+    Pointwise,
+    Residual,
+    StreamDecoder,
+    _cat,
+)
 from gpa.codecs.hifigan import _POST_SLOPE, _SLOPE, HiFiGAN, ResBlock
 
 if TYPE_CHECKING:
@@ -114,102 +124,45 @@ def vocoder_ops(voc: HiFiGAN) -> Op:
     return Chain(ops)
 
 
-class IncrementalDecoder:
+class IncrementalDecoder(StreamDecoder):
     """One stream's nano decoder state: push semantic codes, get the waveform samples that are final.
 
     Build with :meth:`NanoCodec.incremental_decoder`. Every code is decoded once; the concatenation of
     every :meth:`push` and the :meth:`finish` output equals ``NanoCodec.decode`` of all the codes
     (float rounding aside). After n codes, exactly ``max(0, n - lookahead) * hop_length`` samples are
-    out. The codec's decode dtype (:meth:`NanoCodec.set_decode_dtype`) is fixed for the stream's life.
+    out, on the CPU. The codec's decode dtype (:meth:`NanoCodec.set_decode_dtype`) is fixed for the
+    stream's life.
     """
 
     @torch.inference_mode()
     def __init__(self, codec: NanoCodec, global_codes: torch.Tensor) -> None:
-        self.codec = codec
         global_codes = torch.as_tensor(global_codes)
-        if global_codes.dim() == 1:
-            global_codes = global_codes[None]
-        if global_codes.dim() != 2:
-            raise ValueError(f"expected global codes ({codec.num_global_tokens},) or (B, {codec.num_global_tokens}),"
-                             f" got {tuple(global_codes.shape)}")
-        _, self.global_codes = codec.check_codes(torch.zeros(len(global_codes), 0, dtype=torch.long), global_codes)
+        super().__init__(codec, global_codes[None] if global_codes.dim() == 1 else global_codes)
         self.dtype = codec.decode_dtype
         cond = codec.speaker.condition_from_codes(self.global_codes).to(self.dtype)  # (B, speaker_vector)
         self.ops = Chain([token_decoder_ops(codec.decoder, cond), vocoder_ops(codec.vocoder)])
-        assert self.ops.rate == codec.hop_length, f"decoder rate {self.ops.rate} != hop {codec.hop_length}"
-        self.frames = 0  # codes pushed
-        self.samples = 0  # samples returned
+        self._check_ops()
         self.held: Frames = None  # final samples not yet returned (less than one code's)
-        self.finished = False
 
-    @property
-    def lag(self) -> int:
-        """Samples behind ``hop_length * frames`` that are not final until more codes (or the end) come."""
-        return self.ops.lag
-
-    @property
-    def lookahead(self) -> int:
-        """Codes needed after a code before all of its samples are final: ceil(lag / hop_length)."""
-        return math.ceil(self.ops.lag / self.codec.hop_length)
-
-    @torch.inference_mode()
-    def push(self, semantic: torch.Tensor) -> torch.Tensor:
-        """Add codes; return the samples that became final.
-
-        Args:
-            semantic: (B, T) integer codes in [0, semantic_codebook_size), T >= 0.
-
-        Returns:
-            (B, N) float32 samples on the CPU at :attr:`NanoCodec.sample_rate`, continuing the
-            previous outputs; N = (max(0, frames - lookahead) - max(0, old frames - lookahead)) * hop_length.
-        """
-        if self.finished:
-            raise RuntimeError("push() after finish(): this decoder's stream has ended")
-        self._check_dtype()
-        semantic, _ = self.codec.check_codes(semantic, self.global_codes)
-        if not semantic.shape[1]:
-            return self._out(None, max(0, self.frames - self.lookahead))
-        self.frames += semantic.shape[1]
-        return self._out(self.ops.step(semantic[:, None]), max(0, self.frames - self.lookahead))
-
-    @torch.inference_mode()
-    def finish(self) -> torch.Tensor:
-        """End the stream: return the remaining samples (B, N), float32 on the CPU."""
-        if self.finished:
-            raise RuntimeError("finish() called twice")
-        self._check_dtype()
-        self.finished = True
-        out = self._out(self.ops.flush(), self.frames)
-        assert self.held is None, f"{self.held.shape[-1]} samples past the end"
-        return out
-
-    def preview(self) -> torch.Tensor:
-        """The samples :meth:`finish` would return now, without ending the stream (B, N), float32.
-
-        They are exact only if no more codes come. Costs the work of decoding about ``lookahead`` codes.
-        """
-        return self.copy().finish()
-
-    def copy(self) -> IncrementalDecoder:
-        """An independent copy of the state (cheap: it holds only each layer's left context)."""
-        new = object.__new__(IncrementalDecoder)
-        new.__dict__.update(self.__dict__)
-        new.ops = self.ops.copy()
-        return new
-
-    def _check_dtype(self) -> None:
+    def _check_state(self) -> None:
         if self.codec.decode_dtype != self.dtype:
             raise RuntimeError(f"the codec's decode dtype changed from {self.dtype} to {self.codec.decode_dtype} "
                                "during a stream; start a new incremental decoder")
 
-    def _out(self, y: Frames, codes_out: int) -> torch.Tensor:
-        """Add new final samples (B, 1, N); return those up to ``codes_out`` codes' worth (B, M)."""
+    def _input(self, semantic: torch.Tensor) -> torch.Tensor:
+        return semantic[:, None]
+
+    def _out(self, y: Frames, final: bool) -> torch.Tensor:
+        """Add new final samples (B, 1, N); hand out those of whole codes (all of them at the end)."""
         held = _cat(self.held, y)
+        codes_out = self.frames if final else max(0, self.frames - self.lookahead)
         n = codes_out * self.codec.hop_length - self.samples
         if held is None or n <= 0:
             self.held = held
+            assert not final or held is None, f"{held.shape[-1]} samples past the end"
             return torch.zeros(self.global_codes.shape[0], 0)
         assert held.shape[-1] >= n, f"{n} samples due, {held.shape[-1]} final"
         self.held = held[..., n:] if held.shape[-1] > n else None
+        assert not final or self.held is None, f"{self.held.shape[-1]} samples past the end"
         self.samples += n
         return held[:, 0, :n].float().cpu()
