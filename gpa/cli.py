@@ -237,7 +237,7 @@ def _add_vllm_flags(p: argparse.ArgumentParser) -> None:
 
 def _check_vllm(args: argparse.Namespace) -> None:
     """Fail before loading anything when the vLLM backend cannot run."""
-    if args.quantize != "none":
+    if args.quantize not in (None, "none"):
         raise CLIError("--quantize applies to the torch backend; vLLM runs the checkpoint as it is")
     try:
         import gpa.engine.vllm_backend  # noqa: F401

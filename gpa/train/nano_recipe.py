@@ -113,7 +113,7 @@ BUNDLE_VOICES = {
 }
 DEFAULT_VOICE = "slt"
 # The bundle's speed settings on CPU (its inference.json, see gpa.checkpoint.Checkpoint.inference_defaults):
-# TTS real-time factor 0.50 -> 0.28 on 2 cores; the accuracy cost is in the model card.
+# TTS real-time factor 0.50 -> 0.30 on 2 cores (bench/nano_tts.py); the accuracy cost is in the model card.
 INFERENCE = {"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16"}}
 
 
