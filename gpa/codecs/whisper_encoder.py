@@ -6,7 +6,7 @@ Output frames are 20 ms (50 Hz). The blocks are the GLM-4-Voice tokenizer's (:mo
 which is a Whisper-large-v3 encoder with causal changes; this module is the unchanged original.
 
 Whisper was trained on 30 s windows (3000 mel frames, 1500 positions): shorter inputs run with the
-table truncated, which changes the features somewhat (see ``recipes/nano/README.md`` for the
+table truncated, which changes the features somewhat (see ``docs/nano-codec-design.md`` for the
 measurement); :func:`pad_or_trim_samples` gives the stock 30 s input.
 
 Weights come from a CTranslate2 Whisper ``model.bin`` via :func:`state_from_ct2` (run once, saved as
