@@ -147,18 +147,29 @@ class TaskRun:
 
 
 def run_asr(run: TaskRun, inputs: Sequence[Item], warmup: bool) -> dict[str, Any]:
-    """The model's transcripts against the references, beside the judge's transcripts of the same audio."""
+    """The model's transcripts against the references, beside the judge's transcripts of the same audio.
+
+    Every model call runs before any judge does, so that the judges' thread pools (which keep spinning a
+    while after each call) do not slow the timed model calls.
+    """
     rows, items = {MODEL: Row(), TRUTH: Row()}, []
-    if run.model is not None and warmup and inputs:
-        _warm_up(lambda: run.model.asr(str(inputs[0].audio), **run.options))
-    for item in run.bar(inputs, "asr"):
-        record: dict[str, Any] = {"id": item.id, "text": item.text}
+    made: list[tuple[str, float, dict[str, Any]]] = []
+    if run.model is not None:
+        if warmup and inputs:
+            _warm_up(lambda: run.model.asr(str(inputs[0].audio), **run.options))
+        for item in run.bar(inputs, "asr"):
+            record: dict[str, Any] = {"id": item.id}
+            hyp, wall = _timed(lambda: run.model.asr(str(item.audio), **run.options),  # noqa: B023
+                               rows[MODEL], record, "")
+            made.append((hyp, wall, record))
+    for k, item in enumerate(inputs):
+        record = {"id": item.id, "text": item.text}
         truth = run.scorer.transcript(item)
         rows[TRUTH].errors.append(e := errors(item.text, truth))
         record[TRUTH] = {"hypothesis": truth, "wer": e.wer}
         if run.model is not None:
-            hyp, wall = _timed(lambda: run.model.asr(str(item.audio), **run.options),  # noqa: B023
-                               rows[MODEL], record, "")
+            hyp, wall, failure = made[k]
+            record.update({key: v for key, v in failure.items() if key != "id"})
             rows[MODEL].errors.append(e := errors(item.text, hyp))
             rows[MODEL].wall_s += wall
             rows[MODEL].audio_s += len(run.scorer.wav(item)) / SAMPLE_RATE
@@ -172,7 +183,23 @@ def _judge_output(run: TaskRun, wav: np.ndarray, text: str) -> tuple[Errors, str
     return errors(text, hyp), hyp, run.scorer.judges.speaker.embed(wav), run.scorer.judges.quality.score(wav)
 
 
-def _tts_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row]) -> dict[str, Any]:
+Made = tuple[np.ndarray, float, dict[str, Any]]  # a model output (16 kHz), its wall time, its failure if any
+
+
+def _make(run: TaskRun, task: str, n: int, pair: Pair, row: Row) -> Made:
+    """One timed TTS or VC call (the reference is tokenized outside the timing, once per call)."""
+    voice = run.model.voice(str(pair.reference.audio))
+    if task == "tts":
+        fn = lambda: run.model.tts(pair.input.text, voice, seed=run.seed + n, **run.options)  # noqa: E731
+    else:
+        fn = lambda: run.model.vc(str(pair.input.audio), voice, seed=run.seed + n, **run.options)  # noqa: E731
+    failure: dict[str, Any] = {"id": pair.input.id}
+    (wav, sr), wall = _timed(fn, row, failure, (np.zeros(0, np.float32), SAMPLE_RATE))
+    failure.pop("id")
+    return _to_16k(wav, sr), wall, failure
+
+
+def _tts_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row], made: Made | None) -> dict[str, Any]:
     item, ref = pair.input, pair.reference
     record: dict[str, Any] = {"id": item.id, "text": item.text, "reference": ref.id,
                               "ground_truth_recording": pair.other.id if pair.other else None}
@@ -181,11 +208,9 @@ def _tts_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row]) -> dict[st
     truth.add_score("similarity", sim := run.scorer.similarity(pair.other, ref))
     truth.quality.append(q := run.scorer.quality(item))
     record[TRUTH] = {"hypothesis": run.scorer.transcript(item), "wer": e.wer, "similarity": sim, "dnsmos": _ovrl(q)}
-    if run.model is not None:
-        voice = run.model.voice(str(ref.audio))  # tokenized once per reference, outside the timing
-        (wav, sr), wall = _timed(lambda: run.model.tts(item.text, voice, seed=run.seed + n, **run.options),
-                                 rows[MODEL], record, (np.zeros(0, np.float32), SAMPLE_RATE))
-        wav = _to_16k(wav, sr)
+    if made is not None:
+        wav, wall, failure = made
+        record.update(failure)
         run.save("tts", n, wav)
         e, hyp, emb, q = _judge_output(run, wav, item.text)
         row = rows[MODEL]
@@ -199,7 +224,7 @@ def _tts_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row]) -> dict[st
     return record
 
 
-def _vc_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row]) -> dict[str, Any]:
+def _vc_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row], made: Made | None) -> dict[str, Any]:
     src, ref, other = pair.input, pair.reference, pair.other
     record: dict[str, Any] = {"id": src.id, "text": src.text, "reference": ref.id,
                               "ground_truth_recording": other.id if other else None}
@@ -212,11 +237,9 @@ def _vc_item(run: TaskRun, n: int, pair: Pair, rows: dict[str, Row]) -> dict[str
     truth.quality.append(q := run.scorer.quality(src))
     record[TRUTH] = {"hypothesis": run.scorer.transcript(src), "wer": e.wer, "similarity_target": target,
                      "similarity_source": source, "dnsmos": _ovrl(q)}
-    if run.model is not None:
-        voice = run.model.voice(str(ref.audio))
-        (wav, sr), wall = _timed(lambda: run.model.vc(str(src.audio), voice, seed=run.seed + n, **run.options),
-                                 rows[MODEL], record, (np.zeros(0, np.float32), SAMPLE_RATE))
-        wav = _to_16k(wav, sr)
+    if made is not None:
+        wav, wall, failure = made
+        record.update(failure)
         run.save("vc", n, wav)
         e, hyp, emb, q = _judge_output(run, wav, src.text)
         target, source = run.scorer.similarity(emb, ref), run.scorer.similarity(emb, src)
@@ -243,8 +266,11 @@ def run_pairs(run: TaskRun, task: str, pairs: Sequence[Pair], skipped: dict[str,
             _warm_up(lambda: run.model.tts(p.input.text, str(p.reference.audio), seed=run.seed, **run.options))
         else:
             _warm_up(lambda: run.model.vc(str(p.input.audio), str(p.reference.audio), seed=run.seed, **run.options))
+    # every model call first, then the judges (see run_asr)
+    made = [_make(run, task, n, pair, rows[MODEL]) for n, pair in enumerate(run.bar(pairs, task))] \
+        if run.model is not None else [None] * len(pairs)
     fn = _tts_item if task == "tts" else _vc_item
-    items = [fn(run, n, pair, rows) for n, pair in enumerate(run.bar(pairs, task))]
+    items = [fn(run, n, pair, rows, made[n]) for n, pair in enumerate(pairs)]
     return _task_report(run, rows, len(pairs), skipped, items)
 
 
