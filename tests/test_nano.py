@@ -22,9 +22,17 @@ from gpa.api import GPA
 from gpa.audio import load_audio, volume_normalize
 from gpa.checkpoint import BUNDLED_MODEL, Checkpoint, resolve_model
 from gpa.cli import main
-from gpa.codecs.nano import NanoASRTokenizer, NanoCodec
+from gpa.codecs.nano import (
+    NanoASRTokenizer,
+    NanoCodec,
+    NanoCodecConfig,
+    fsq_quantize,
+    fsq_quantize_v1,
+    fsq_values,
+)
 from gpa.engine import AudioChunk, Engine, EngineConfig, StreamConfig
 from gpa.prompts import asr_prompt
+from gpa.train.nano_codec import DecoderTraining, Features, Utterance, extract, train_decoder
 from gpa.weights import INT8_SCALE, CheckpointError, pack_int8, read_safetensors, unpack_int8
 
 CLIPS = {  # CC0 clips of one speaker (../shared/data/cathy) with their transcripts
@@ -191,6 +199,7 @@ def test_global_codes(codec, cathy):
     assert codes.shape == (3, codec.num_global_tokens) == (3, 32) and codes.dtype == torch.int64
     assert 0 <= codes.min() and codes.max() < codec.global_codebook_size == 64
     assert torch.equal(codes[1], codec.encode_global([wavs[1]])[0])
+    assert codes.unique().numel() > 1  # not one code for everything (the shipped codec gives 816 for all)
     long = np.tile(wavs[0], 6)  # over ref_max_seconds: its middle part is used
     assert codec.encode_global([long]).shape == (1, 32)
 
@@ -412,3 +421,42 @@ def test_inference_json_sets_speed_defaults_and_is_checked(nano_dir, tmp_path):
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"vocoder_dtype": "float16"}}))
     with pytest.raises(ValueError, match="vocoder_dtype"):
         gpa.load(ckpt, device="cpu")
+
+
+@pytest.mark.parametrize("levels", [(4, 4, 4, 4, 4), (3, 5, 8, 2)])
+def test_fsq_gives_every_level_and_codes_decode_to_the_trained_values(levels):
+    z = torch.randn(4000, len(levels), generator=torch.Generator().manual_seed(0)) * 3
+    z.requires_grad_(True)
+    q, codes = fsq_quantize(z, levels)
+    assert torch.equal(q.detach(), fsq_values(codes, levels))  # the decoder sees what it was trained with
+    assert 0 <= codes.min() and codes.max() < math.prod(levels)
+    for d, n in enumerate(levels):  # every one of the L levels is used, and no more
+        assert q[:, d].unique().numel() == n
+    q.sum().backward()
+    assert (z.grad != 0).float().mean() > 0.5  # straight-through: gradient reaches the latents
+
+
+def test_fsq_version_1_is_kept_for_the_codecs_trained_with_it(nano_dir, tmp_path):
+    # configs written before fsq_version existed are version 1 (GPA-nano 0.x): no LayerNorm, the old bound
+    raw = json.loads((nano_dir / "nano-codec" / "config.json").read_text())
+    assert raw["fsq_version"] == 2
+    del raw["fsq_version"]
+    old = NanoCodecConfig.from_dict(raw)
+    assert old.fsq_version == 1 and NanoCodec(old).speaker.fsq_norm is None
+    raw["fsq_version"] = 3
+    with pytest.raises(CheckpointError, match="fsq_version"):
+        NanoCodecConfig.from_dict(raw)
+    z = torch.tensor([[-50.0, -0.2, 0.0, 0.6, 50.0]])  # saturated at both ends, as in the shipped codec
+    q, codes = fsq_quantize_v1(z, (4,) * 5)
+    assert torch.allclose(q, torch.tensor([[-4 / 3, 0, 0, 2 / 3, 4 / 3]]))  # 5 values for 4 levels: the flaw
+
+
+def test_decoder_training_reports_speaker_code_diversity(nano_dir, cathy, tmp_path):
+    codec = NanoCodec.from_dir(nano_dir / "nano-codec")
+    utts = [Utterance(str(cathy / f"{name}.flac"), speaker) for name, speaker in zip(CLIPS, "aab", strict=True)]
+    extract(codec, utts, tmp_path / "features")
+    feats = Features([tmp_path / "features"])
+    res = train_decoder(codec, feats, DecoderTraining(minutes=5, max_steps=6, batch_size=2, segment=4,
+                                                      ref_min_frames=20, ref_max_frames=40))
+    assert res["steps"] == 6 and math.isfinite(res["l1"])
+    assert res["global_codes_distinct"] > 1  # a collapsed speaker path gives 1

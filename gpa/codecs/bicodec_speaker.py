@@ -177,6 +177,15 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
+def fsq_bound(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """FSQ's bound: z (..., D) -> values whose rounding gives L distinct integers per dimension (offset by a
+    half for even L), in the float32 tensor arithmetic of the reference so that rounding sees its values."""
+    half_l = (levels - 1) * (1 + FSQ_EPS) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    shift = (offset / half_l).atanh()
+    return (z + shift).tanh() * half_l - offset
+
+
 class FSQ(nn.Module):
     """Finite scalar quantisation with a linear projection in and out (one quantiser)."""
 
@@ -194,11 +203,7 @@ class FSQ(nn.Module):
         return math.prod(self.levels)
 
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
-        # The float32 tensor arithmetic of the reference, so that rounding sees the same values.
-        half_l = (self._levels - 1) * (1 + FSQ_EPS) / 2
-        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
-        shift = (offset / half_l).atanh()
-        return (z + shift).tanh() * half_l - offset
+        return fsq_bound(z, self._levels)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N) int64 indices in [0, codebook_size)."""

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gpa.audio import load_audio
+from gpa.codecs.bicodec_speaker import fsq_bound
 from gpa.codecs.checks import check_batch, check_codes
 from gpa.codecs.hifigan import HiFiGAN, HiFiGANConfig, MelSpectrogram
 from gpa.codecs.nano_stream import IncrementalDecoder
@@ -69,6 +70,7 @@ class NanoCodecConfig:
     semantic_layer: int = 3  # Whisper blocks run for the semantic features (no final LayerNorm)
     num_global_tokens: int = 32  # speaker codes per utterance
     fsq_levels: tuple[int, ...] = (4, 4, 4, 4, 4)  # FSQ levels per global token: prod = global codebook size
+    fsq_version: int = 2  # 2: BiCodec's FSQ after a LayerNorm; 1: GPA-nano 0.x's (see fsq_quantize_v1)
     speaker_dim: int = 128  # speaker encoder width
     speaker_blocks: int = 2  # ConvNeXt blocks of the speaker encoder
     speaker_vector: int = 192  # the decoder's condition vector
@@ -96,6 +98,9 @@ class NanoCodecConfig:
             raw["vocoder"] = HiFiGANConfig.from_dict(raw["vocoder"])
         if "fsq_levels" in raw:
             raw["fsq_levels"] = tuple(raw["fsq_levels"])
+        raw.setdefault("fsq_version", 1)  # configs written before the field existed
+        if raw["fsq_version"] not in (1, 2):
+            raise CheckpointError(f"nano codec config: fsq_version must be 1 or 2, got {raw['fsq_version']!r}")
         return cls(**raw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,14 +140,38 @@ class ConvNeXtBlock(nn.Module):
 
 
 def fsq_quantize(z: torch.Tensor, levels: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finite scalar quantization with a straight-through gradient.
+    """Finite scalar quantization (BiCodec's bound: L distinct integer levels, also for even L) with a
+    straight-through gradient.
 
     Args:
         z: (..., len(levels)) unbounded values.
 
     Returns:
-        (quantized values in [-1, 1] with z's shape, codes (...,) int64 in [0, prod(levels))).
+        (quantized values (..., len(levels)) in [-1, 1], exactly :func:`fsq_values` of the codes;
+        codes (...,) int64 in [0, prod(levels))).
     """
+    lv = torch.tensor(levels, dtype=z.dtype, device=z.device)
+    bounded = fsq_bound(z, lv)
+    rounded = torch.round(bounded)
+    width = torch.floor(lv / 2)
+    q = (bounded + (rounded - bounded).detach()) / width
+    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=z.device), 0)
+    return q, ((rounded.detach() + width).long() * basis).sum(-1)
+
+
+def fsq_values(codes: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """FSQ codes (...,) -> their quantized values (..., len(levels)) in [-1, 1] (:func:`fsq_quantize`'s)."""
+    lv = torch.tensor(levels, device=codes.device)
+    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=codes.device), 0)
+    width = lv // 2
+    return ((codes[..., None] // basis) % lv - width) / width
+
+
+def fsq_quantize_v1(z: torch.Tensor, levels: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPA-nano 0.x's quantizer, kept so that its shipped codec decodes as it was trained. Flawed: with even
+    L the rounded values span L + 1 integers, of which codes keep L (-L/2 and -L/2 + 1 share code 0), and
+    :func:`fsq_values_v1` of a code differs from the value trained with; no input normalisation, so the
+    shipped speaker encoder's latents saturated and every reference gives the same codes."""
     lv = torch.tensor(levels, dtype=z.dtype, device=z.device)
     half = (lv - 1) / 2
     bounded = torch.tanh(z) * half
@@ -152,8 +181,8 @@ def fsq_quantize(z: torch.Tensor, levels: tuple[int, ...]) -> tuple[torch.Tensor
     return q / half, ((rounded + half).long() * basis).sum(-1)
 
 
-def fsq_values(codes: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
-    """FSQ codes (...,) -> their quantized values (..., len(levels)) in [-1, 1]."""
+def fsq_values_v1(codes: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """What GPA-nano 0.x's decoder is given for its codes (see :func:`fsq_quantize_v1`)."""
     lv = torch.tensor(levels, device=codes.device)
     basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=codes.device), 0)
     half = (lv - 1) / 2
@@ -166,11 +195,18 @@ class SpeakerEncoder(nn.Module):
     def __init__(self, c: NanoCodecConfig) -> None:
         super().__init__()
         self.levels = c.fsq_levels
+        self.version = c.fsq_version
         self.inp = nn.Conv1d(c.vocoder.n_mels, c.speaker_dim, 5, padding=2)
         self.blocks = nn.ModuleList(ConvNeXtBlock(c.speaker_dim, 7) for _ in range(c.speaker_blocks))
         self.queries = nn.Parameter(torch.randn(c.num_global_tokens, c.speaker_dim) * 0.02)
         self.attn = nn.MultiheadAttention(c.speaker_dim, 4, batch_first=True)
+        # version 2 normalises the pooled vectors, so that the FSQ latents start and stay near the bound's
+        # linear range (version 1's grew until tanh saturated and the straight-through gradient vanished)
+        self.fsq_norm = nn.LayerNorm(c.speaker_dim) if c.fsq_version >= 2 else None
         self.to_fsq = nn.Linear(c.speaker_dim, len(c.fsq_levels))
+        if c.fsq_version >= 2:  # start with distinct queries and unit-scale latents: every FSQ level in use
+            nn.init.normal_(self.queries, std=1.0)
+            nn.init.normal_(self.to_fsq.weight, std=c.speaker_dim**-0.5)
         self.out = nn.Sequential(nn.Linear(c.num_global_tokens * len(c.fsq_levels), c.speaker_vector), nn.GELU(),
                                  nn.Linear(c.speaker_vector, c.speaker_vector))
 
@@ -181,7 +217,9 @@ class SpeakerEncoder(nn.Module):
             x = b(x)
         x = x.transpose(1, 2)
         pooled, _ = self.attn(self.queries[None].expand(len(mel), -1, -1), x, x, need_weights=False)
-        return fsq_quantize(self.to_fsq(pooled), self.levels)
+        if self.fsq_norm is None:
+            return fsq_quantize_v1(self.to_fsq(pooled), self.levels)
+        return fsq_quantize(self.to_fsq(self.fsq_norm(pooled)), self.levels)
 
     def condition(self, values: torch.Tensor) -> torch.Tensor:
         """FSQ values (B, G, len(levels)) -> (B, speaker_vector)."""
@@ -189,7 +227,8 @@ class SpeakerEncoder(nn.Module):
 
     def condition_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Global codes (B, G) -> (B, speaker_vector): what the decoder sees at inference."""
-        return self.condition(fsq_values(codes, self.levels).to(self.out[0].weight.dtype))
+        values = (fsq_values if self.version >= 2 else fsq_values_v1)(codes, self.levels)
+        return self.condition(values.to(self.out[0].weight.dtype))
 
 
 class TokenDecoder(nn.Module):

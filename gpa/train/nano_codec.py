@@ -278,7 +278,7 @@ def train_decoder(codec: NanoCodec, feats: Features, settings: DecoderTraining, 
             refs.append(_reference(feats, int(i), rel, settings.segment, ref_len, r, rng))
             labels.append(speaker_index[feats.meta[i]["speaker"]])
         with torch.set_grad_enabled(not settings.freeze_speaker):
-            values, _ = codec.speaker.quantized(torch.stack(refs))
+            values, global_codes = codec.speaker.quantized(torch.stack(refs))
         cond = codec.speaker.condition(values)
         pred = codec.decoder(torch.stack(batch_codes), cond)
         l1 = (pred - torch.stack(batch_mel)).abs().mean()
@@ -290,11 +290,13 @@ def train_decoder(codec: NanoCodec, feats: Features, settings: DecoderTraining, 
         opt.step()
         step += 1
         bar.update(1)
-        for name, v in (("l1", l1.item()), ("speaker_ce", spk.item())):
+        # distinct global codes among the batch's B x G: 1 means the speaker path has collapsed
+        distinct = float(torch.unique(global_codes).numel())
+        for name, v in (("l1", l1.item()), ("speaker_ce", spk.item()), ("global_codes_distinct", distinct)):
             ema[name] = v if name not in ema else 0.98 * ema[name] + 0.02 * v
         if step % 100 == 0:
-            logger.info("decoder step %d: l1 %.4f, speaker ce %.3f, %.2f steps/s", step, ema["l1"],
-                        ema["speaker_ce"], step / (time.time() - t0))
+            logger.info("decoder step %d: l1 %.4f, speaker ce %.3f, distinct global codes %.0f, %.2f steps/s",
+                        step, ema["l1"], ema["speaker_ce"], ema["global_codes_distinct"], step / (time.time() - t0))
     bar.close()
     codec.eval().requires_grad_(False)
     return {"steps": step, "seconds": round(time.time() - t0), **{k: round(v, 4) for k, v in ema.items()}}
