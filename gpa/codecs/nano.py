@@ -70,7 +70,7 @@ class NanoCodecConfig:
     semantic_layer: int = 3  # Whisper blocks run for the semantic features (no final LayerNorm)
     num_global_tokens: int = 32  # speaker codes per utterance
     fsq_levels: tuple[int, ...] = (4, 4, 4, 4, 4)  # FSQ levels per global token: prod = global codebook size
-    fsq_version: int = 2  # 2: BiCodec's FSQ after a LayerNorm; 1: GPA-nano 0.x's (see fsq_quantize_v1)
+    fsq_version: int = 2  # 2: normalised reference, LayerNorm, BiCodec's FSQ; 1: GPA-nano 0.x's (fsq_quantize_v1)
     speaker_dim: int = 128  # speaker encoder width
     speaker_blocks: int = 2  # ConvNeXt blocks of the speaker encoder
     speaker_vector: int = 192  # the decoder's condition vector
@@ -212,6 +212,13 @@ class SpeakerEncoder(nn.Module):
 
     def quantized(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n_mels, F) -> (FSQ values (B, G, len(levels)), codes (B, G))."""
+        if self.version >= 2:
+            # Per utterance: each band's mean over time removed, one overall scale. Without it the pooled
+            # vectors of different speakers start 0.96-0.99 cosine-similar (the log-mel's common part) and
+            # training collapses them to one code (GPA-nano 0.x); with it a 3-minute run used 125 distinct
+            # codes per batch and the speaker loss fell from 2.9 to 0.66 nats.
+            mel = mel - mel.mean(-1, keepdim=True)
+            mel = mel / (mel.std((1, 2), keepdim=True) + 1e-5)
         x = self.inp(mel)
         for b in self.blocks:
             x = b(x)
