@@ -296,11 +296,12 @@ def test_a_failing_model_call_scores_as_an_empty_output(judges, data, mini_dir):
     from gpa.evaluation import TestSet, evaluate
 
     model = gpa.load(mini_dir, device="cpu")
-    ts = TestSet("one", data, (cathy(data, CATHY[0]),))
-    report = evaluate(model, [ts], EvalSpec(tasks=("asr",)), judges, options={"max_new_tokens": 10**6})
-    asr = report["test_sets"]["one"]["asr"]
-    assert asr["model"]["failed"] == 1 and asr["model"]["wer"] == 1.0  # every reference word missed
-    assert "too long" in asr["items"][0]["error"]
-    assert asr["ground_truth"]["wer"] < 0.10
+    ts = TestSet("one", data, (cathy(data, CATHY[0]), cathy(data, CATHY[1])))
+    report = evaluate(model, [ts], EvalSpec(tasks=("asr", "tts")), judges, options={"max_new_tokens": 10**6})
+    for task in ("asr", "tts"):  # model calls run before the judges; each failure stays with its item
+        rows = report["test_sets"]["one"][task]
+        assert rows["model"]["failed"] == 2 and rows["model"]["wer"] == 1.0  # every reference word missed
+        assert all("too long" in item["error"] for item in rows["items"])
+        assert rows["ground_truth"]["wer"] < 0.10
     with pytest.raises(ValueError, match="seed"):
         evaluate(model, [ts], EvalSpec(tasks=("asr",)), judges, options={"seed": 1})
