@@ -162,6 +162,8 @@ def _add_training(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     prep.add_argument("--max-seconds", type=float, default=60.0, help="skip longer segments")
     prep.add_argument("--max-tokens", type=int, default=2048, help="skip records with longer samples")
     prep.add_argument("--device", default="cpu", help="where the codecs run")
+    prep.add_argument("--workers", type=int, default=1,
+                      help="processes encoding shards at once (one torch thread each; same files as one process)")
     train = sub.add_parser("train", help="train or fine-tune (resumes a run in out_dir; use torchrun for DDP)",
                            formatter_class=fmt)
     train.add_argument("--config", type=Path, default=None, help="TrainConfig file (.json or .toml)")
@@ -411,7 +413,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = PrepareConfig(str(_model_dir(args.checkpoint)), tuple(args.manifests), str(args.out_dir),
                         tuple(t.strip() for t in args.list_tasks.split(",") if t.strip()), args.shard_size,
-                        args.batch_size, args.max_seconds, args.max_tokens, args.device)
+                        args.batch_size, args.max_seconds, args.max_tokens, args.device, args.workers)
     report = prepare(cfg, progress=not args.no_progress)
     print(json.dumps({"out_dir": str(report.out_dir), "records": report.records, "skipped": len(report.skipped)}))
     return 0

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,19 @@ def test_shards_are_compact_safetensors(corpus):
     tensors = read_safetensors(shards[0])
     assert set(tensors) <= {"glm", "semantic", "global", "vc_semantic"}
     assert all(t.dtype == torch.int16 and t.dim() == 1 for t in tensors.values())
+
+
+def test_prepare_in_two_processes_writes_the_same_files(corpus, mini_dir, tmp_path):
+    root, one = corpus
+    cfg = prepare_config(mini_dir, (root / "list.txt", root / "train.jsonl"), tmp_path / "two")
+    report = prepare(replace(cfg, workers=2))
+    assert report.records > 0 and report.shards_done_before == 0
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:  # shards, index, skips, meta and tokenizer: byte for byte
+        assert (one / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert prepare(replace(cfg, workers=2)).shards_done_before == len([n for n in names if n.endswith(".jsonl")
+                                                                        and n.startswith("shard-")])
 
 
 def test_prepare_resumes_and_redoes_only_unfinished_shards(corpus, mini_dir, tmp_path):

@@ -39,12 +39,13 @@ class PrepareConfig:
     max_seconds: float = 60.0  # longer segments are skipped
     max_tokens: int = 2048  # records whose prompt + target is longer are skipped (never truncated)
     device: str = "cpu"  # where the codecs run
+    workers: int = 1  # processes encoding shards at once (each loads the codecs and runs torch on one thread)
 
     def __post_init__(self) -> None:
         _check_tasks(self.list_tasks, "list_tasks")
         if "vc" in self.list_tasks:
             raise ValueError("list_tasks cannot include vc: an 'audio|text' line has no target speech")
-        for name in ("shard_size", "batch_size", "max_tokens"):
+        for name in ("shard_size", "batch_size", "max_tokens", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.manifests:

@@ -63,7 +63,7 @@ class NanoRecipe:
     extra_corpus_dir: str = ""  # an existing folder for extra_corpus instead of building OUT/corpus-extra
     codec: NanoCodecConfig = field(default_factory=lambda: NanoCodecConfig(decoder_dim=192))
     codec_utterances_per_voice: int = 400  # synthetic utterances per seen voice for codec training (+ all real)
-    workers: int = 2  # processes for feature extraction
+    workers: int = 2  # processes for feature extraction and gpa prepare
     speaker_minutes: float = 18.0  # joint decoder + speaker encoder training (2 threads: 2,225 steps for the bundle)
     decoder_minutes: float = 95.0  # decoder alone, speaker encoder frozen (1 thread: 8,328 steps for the bundle)
     text_vocab: int = 1024  # byte-level BPE ids (including the 256 bytes)
@@ -212,8 +212,8 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
     data = out / "data"
     if not (data / "index.jsonl").is_file():
         step("prepare")
-        prepare(PrepareConfig(checkpoint=str(seed_dir), manifests=tuple(map(str, manifests)), out_dir=str(data)),
-                progress=progress)
+        prepare(PrepareConfig(checkpoint=str(seed_dir), manifests=tuple(map(str, manifests)), out_dir=str(data),
+                              workers=recipe.workers), progress=progress)
     run = out / "run"
     step("LLM training")
     from gpa.train.loop import train

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import shutil
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -242,21 +243,47 @@ def read_all(cfg: PrepareConfig) -> list[SourceRecord | Skip]:
 
 
 def prepare(cfg: PrepareConfig, progress: bool = False) -> PrepareReport:
-    """Tokenize ``cfg.manifests`` into ``cfg.out_dir``; finished shards of an earlier run are kept."""
+    """Tokenize ``cfg.manifests`` into ``cfg.out_dir``; finished shards of an earlier run are kept.
+
+    With ``cfg.workers`` > 1 the unfinished shards are shared among that many processes (one torch thread
+    each); the files are the same as one process writes.
+    """
     out = Path(cfg.out_dir)
     items = read_all(cfg)
     codecs = Codecs(cfg.checkpoint, cfg.device)
     _start(out, _meta(cfg, codecs), codecs.ckpt.tokenizer)
     chunks = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
-    cache, reused = AudioCache(), 0
+    todo = [i for i, chunk in enumerate(chunks) if not _complete(out, i, len(chunk))]
+    finished = set(range(len(chunks))) - set(todo)
     with tqdm(total=len(items), disable=not progress, unit="rec", desc="prepare") as bar:
-        for i, chunk in enumerate(chunks):
-            if _complete(out, i, len(chunk)):
-                reused += 1
-            else:
-                shards.write_shard(out, i, *tokenize_chunk(chunk, codecs, cfg, cache))
-            bar.update(len(chunk))
-    return _finish(out, len(chunks), reused)
+        bar.update(sum(len(chunks[i]) for i in finished))
+        if cfg.workers > 1 and len(todo) > 1:
+            del codecs  # each worker loads its own
+            with mp.get_context("spawn").Pool(min(cfg.workers, len(todo)), _init_worker, (cfg,)) as pool:
+                for n in pool.imap_unordered(_work, todo):
+                    bar.update(n)
+        else:
+            cache = AudioCache()
+            for i in todo:
+                shards.write_shard(out, i, *tokenize_chunk(chunks[i], codecs, cfg, cache))
+                bar.update(len(chunks[i]))
+    return _finish(out, len(chunks), len(chunks) - len(todo))
+
+
+_WORKER: dict[str, Any] = {}  # a prepare worker process's config, codecs, audio cache and manifest lines
+
+
+def _init_worker(cfg: PrepareConfig) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(cfg=cfg, codecs=Codecs(cfg.checkpoint, cfg.device), cache=AudioCache(), items=read_all(cfg))
+
+
+def _work(i: int) -> int:
+    """Write shard ``i`` (in a worker process); returns its number of lines."""
+    cfg, size = _WORKER["cfg"], _WORKER["cfg"].shard_size
+    chunk = _WORKER["items"][i * size : (i + 1) * size]
+    shards.write_shard(Path(cfg.out_dir), i, *tokenize_chunk(chunk, _WORKER["codecs"], cfg, _WORKER["cache"]))
+    return len(chunk)
 
 
 def _complete(out: Path, i: int, n_items: int) -> bool:
