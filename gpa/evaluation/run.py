@@ -97,18 +97,19 @@ class Row:
         return out
 
 
-def _timed(fn: Callable[[], Any], row: Row, record: dict[str, Any], empty: Any) -> tuple[Any, float]:
-    """Call the model; a call that raises ValueError (bad input, too long) scores as an empty output and is
-    counted in ``row.failed`` with its message in ``record`` (a failure must not look better than a miss)."""
+def _timed(fn: Callable[[], Any], row: Row, what: str, empty: Any) -> tuple[Any, float, dict[str, str]]:
+    """Call the model on item ``what`` -> (result, wall seconds, {} or {"error": message} for its record).
+
+    A call that raises ValueError (bad input, too long) scores as an empty output and is counted in
+    ``row.failed`` (a failure must not look better than a miss)."""
     start = time.perf_counter()
     try:
-        result = fn()
+        result, failure = fn(), {}
     except ValueError as e:
-        logger.warning("model failed on %s: %s", record["id"], e)
-        record["error"] = str(e)
+        logger.warning("model failed on %s: %s", what, e)
+        result, failure = empty, {"error": str(e)}
         row.failed += 1
-        result = empty
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, failure
 
 
 def _warm_up(fn: Callable[[], Any]) -> None:
@@ -153,23 +154,20 @@ def run_asr(run: TaskRun, inputs: Sequence[Item], warmup: bool) -> dict[str, Any
     while after each call) do not slow the timed model calls.
     """
     rows, items = {MODEL: Row(), TRUTH: Row()}, []
-    made: list[tuple[str, float, dict[str, Any]]] = []
+    made: list[tuple[str, float, dict[str, str]]] = []
     if run.model is not None:
         if warmup and inputs:
             _warm_up(lambda: run.model.asr(str(inputs[0].audio), **run.options))
-        for item in run.bar(inputs, "asr"):
-            record: dict[str, Any] = {"id": item.id}
-            hyp, wall = _timed(lambda: run.model.asr(str(item.audio), **run.options),  # noqa: B023
-                               rows[MODEL], record, "")
-            made.append((hyp, wall, record))
+        made = [_timed(lambda: run.model.asr(str(item.audio), **run.options), rows[MODEL], item.id, "")  # noqa: B023
+                for item in run.bar(inputs, "asr")]
     for k, item in enumerate(inputs):
-        record = {"id": item.id, "text": item.text}
+        record: dict[str, Any] = {"id": item.id, "text": item.text}
         truth = run.scorer.transcript(item)
         rows[TRUTH].errors.append(e := errors(item.text, truth))
         record[TRUTH] = {"hypothesis": truth, "wer": e.wer}
         if run.model is not None:
             hyp, wall, failure = made[k]
-            record.update({key: v for key, v in failure.items() if key != "id"})
+            record.update(failure)
             rows[MODEL].errors.append(e := errors(item.text, hyp))
             rows[MODEL].wall_s += wall
             rows[MODEL].audio_s += len(run.scorer.wav(item)) / SAMPLE_RATE
@@ -183,7 +181,7 @@ def _judge_output(run: TaskRun, wav: np.ndarray, text: str) -> tuple[Errors, str
     return errors(text, hyp), hyp, run.scorer.judges.speaker.embed(wav), run.scorer.judges.quality.score(wav)
 
 
-Made = tuple[np.ndarray, float, dict[str, Any]]  # a model output (16 kHz), its wall time, its failure if any
+Made = tuple[np.ndarray, float, dict[str, str]]  # a model output (16 kHz), its wall time, its failure if any
 
 
 def _make(run: TaskRun, task: str, n: int, pair: Pair, row: Row) -> Made:
@@ -193,9 +191,7 @@ def _make(run: TaskRun, task: str, n: int, pair: Pair, row: Row) -> Made:
         fn = lambda: run.model.tts(pair.input.text, voice, seed=run.seed + n, **run.options)  # noqa: E731
     else:
         fn = lambda: run.model.vc(str(pair.input.audio), voice, seed=run.seed + n, **run.options)  # noqa: E731
-    failure: dict[str, Any] = {"id": pair.input.id}
-    (wav, sr), wall = _timed(fn, row, failure, (np.zeros(0, np.float32), SAMPLE_RATE))
-    failure.pop("id")
+    (wav, sr), wall, failure = _timed(fn, row, pair.input.id, (np.zeros(0, np.float32), SAMPLE_RATE))
     return _to_16k(wav, sr), wall, failure
 
 
