@@ -56,6 +56,12 @@ INPUT_RATE = 16000  # what every encoder here reads (gpa.audio.load_audio's rate
 WHISPER_FRAME_S = 0.02  # one Whisper encoder frame
 # Weight files of a nano-codec directory -> the parameter prefix each holds ("" = everything else).
 WEIGHT_FILES = {"encoder.safetensors": "whisper.", "vocoder.safetensors": "vocoder.", "model.safetensors": ""}
+
+
+def weight_file(key: str) -> str:
+    """The file of :data:`WEIGHT_FILES` that holds parameter ``key``."""
+    return next((name for name, prefix in WEIGHT_FILES.items() if prefix and key.startswith(prefix)),
+                "model.safetensors")
 FEATURE_CACHE = 8  # waveforms whose encoder features are kept (ASR prompts need two code streams of one input)
 
 
@@ -139,6 +145,11 @@ class ConvNeXtBlock(nn.Module):
         return x + self.pw2(F.gelu(self.pw1(h))).transpose(1, 2)
 
 
+def _fsq_basis(levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Place values of the FSQ digits in a code: (1, L0, L0 L1, ...)."""
+    return torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=device), 0)
+
+
 def fsq_quantize(z: torch.Tensor, levels: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Finite scalar quantization (BiCodec's bound: L distinct integer levels, also for even L) with a
     straight-through gradient.
@@ -155,14 +166,14 @@ def fsq_quantize(z: torch.Tensor, levels: tuple[int, ...]) -> tuple[torch.Tensor
     rounded = torch.round(bounded)
     width = torch.floor(lv / 2)
     q = (bounded + (rounded - bounded).detach()) / width
-    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=z.device), 0)
+    basis = _fsq_basis(levels, z.device)
     return q, ((rounded.detach() + width).long() * basis).sum(-1)
 
 
 def fsq_values(codes: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
     """FSQ codes (...,) -> their quantized values (..., len(levels)) in [-1, 1] (:func:`fsq_quantize`'s)."""
     lv = torch.tensor(levels, device=codes.device)
-    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=codes.device), 0)
+    basis = _fsq_basis(levels, codes.device)
     width = lv // 2
     return ((codes[..., None] // basis) % lv - width) / width
 
@@ -177,14 +188,14 @@ def fsq_quantize_v1(z: torch.Tensor, levels: tuple[int, ...]) -> tuple[torch.Ten
     bounded = torch.tanh(z) * half
     rounded = torch.round(bounded)
     q = bounded + (rounded - bounded).detach()
-    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=z.device), 0)
+    basis = _fsq_basis(levels, z.device)
     return q / half, ((rounded + half).long() * basis).sum(-1)
 
 
 def fsq_values_v1(codes: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
     """What GPA-nano 0.x's decoder is given for its codes (see :func:`fsq_quantize_v1`)."""
     lv = torch.tensor(levels, device=codes.device)
-    basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), device=codes.device), 0)
+    basis = _fsq_basis(levels, codes.device)
     half = (lv - 1) / 2
     return ((codes[..., None] // basis) % lv - half) / half
 
@@ -383,11 +394,10 @@ class NanoCodec(nn.Module):
             raise CheckpointError(f"bad nano codec config {cfg_file}: {e}") from e
         model = cls(config)
         state: dict[str, torch.Tensor] = {}
-        others = tuple(p for p in WEIGHT_FILES.values() if p)
-        for name, prefix in WEIGHT_FILES.items():
+        for name in WEIGHT_FILES:
             weights = path / name
             part = unpack_int8(read_safetensors(weights), str(weights))  # a missing file is a CheckpointError
-            wrong = [k for k in part if (not k.startswith(prefix) if prefix else k.startswith(others))]
+            wrong = [k for k in part if weight_file(k) != name]
             if wrong:
                 raise CheckpointError(f"{weights} holds tensors that belong in another file: {wrong[:5]}")
             state.update(part)
@@ -406,10 +416,8 @@ class NanoCodec(nn.Module):
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         keep = ("semantic_kmeans.", "asr_kmeans.", "decoder.mel_table")  # distances need full precision
         state = pack_int8(state, skip=keep) if int8 else state
-        for name, prefix in WEIGHT_FILES.items():  # the pretrained parts in files of their own
-            others = tuple(p for p in WEIGHT_FILES.values() if p)
-            part = {k: v for k, v in state.items() if (k.startswith(prefix) if prefix else not k.startswith(others))}
-            save_file(part, str(path / name))
+        for name in WEIGHT_FILES:  # the pretrained parts in files of their own
+            save_file({k: v for k, v in state.items() if weight_file(k) == name}, str(path / name))
         (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
 
     def set_decode_dtype(self, dtype: torch.dtype) -> NanoCodec:
