@@ -149,7 +149,7 @@ def plan(speakers: list[Speaker], sentences: list[text.Sentence],
     buckets = {False: [s for s in sentences if not s.heldout], True: [s for s in sentences if s.heldout]}
     progress = {s.id: i / len(b) for b in buckets.values() for i, s in enumerate(b)}
     order = sorted(sentences, key=lambda s: progress[s.id])
-    seen = [sp.name for sp in speakers if sp.voice.name not in voices.HELDOUT_VOICES]
+    seen = {name: i for i, name in enumerate(sp.name for sp in speakers if sp.voice.name not in voices.HELDOUT_VOICES)}
     k = len(seen) if voices_per_sentence is None else min(voices_per_sentence, len(seen))
     train_rank = {s.id: i for i, s in enumerate(buckets[False])}
 
@@ -158,7 +158,7 @@ def plan(speakers: list[Speaker], sentences: list[text.Sentence],
             return True
         if sp.voice.name in voices.HELDOUT_VOICES:
             return False
-        return (seen.index(sp.name) - train_rank[s.id] * k) % len(seen) < k
+        return (seen[sp.name] - train_rank[s.id] * k) % len(seen) < k
 
     # A batch keeps about BATCH_SENTENCES jobs per engine process when each speaker has only a share of them.
     chunk = BATCH_SENTENCES * max(1, len(seen) // k) if seen else BATCH_SENTENCES

@@ -25,7 +25,8 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("--max-steps", type=int, default=None, help="LLM optimizer steps (default: the recipe's)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the LLM training (default: torch's)")
-    p.add_argument("--workers", type=int, default=2, help="processes for features; threads of codec training")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes for features and gpa prepare; threads of codec training")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="logging verbosity (stderr)")
