@@ -64,13 +64,14 @@ class NanoRecipe:
     codec: NanoCodecConfig = field(default_factory=lambda: NanoCodecConfig(decoder_dim=192))
     codec_utterances_per_voice: int = 400  # synthetic utterances per seen voice for codec training (+ all real)
     workers: int = 2  # processes for feature extraction and gpa prepare
-    speaker_minutes: float = 18.0  # joint decoder + speaker encoder training (2 threads: 2,225 steps for the bundle)
-    decoder_minutes: float = 95.0  # decoder alone, speaker encoder frozen (1 thread: 8,328 steps for the bundle)
+    speaker_minutes: float = 18.0  # joint decoder + speaker encoder training (2 threads: 1,356 steps for the bundle)
+    decoder_minutes: float = 45.0  # decoder alone, speaker encoder frozen (2 threads: 8,429 steps for the bundle)
     text_vocab: int = 1024  # byte-level BPE ids (including the 256 bytes)
     model: str = "medium"  # LLM preset (gpa.train.config.MODEL_PRESETS) or ModelConfig JSON
     train: dict[str, Any] = field(default_factory=lambda: dict(  # gpa.train.config.TrainConfig fields
-        batch_size=128, lr=1.5e-3, min_lr=1e-4, warmup_steps=300, weight_decay=0.1, max_steps=2781,
-        eval_every=347, save_every=347, max_len=1024, cache_prompts=True, keep_checkpoints=2))
+        batch_size=128, lr=1.5e-3, min_lr=1e-4, warmup_steps=300, weight_decay=0.1, max_steps=4000,
+        task_weights={"asr": 1.0, "tts": 1.0, "vc": 2.0},  # VC keeps learning after ASR/TTS have stopped
+        eval_every=500, save_every=500, max_len=1024, cache_prompts=True, keep_checkpoints=2))
     seed: int = 0
 
 
