@@ -83,7 +83,7 @@ class GPA:
             path: the directory (config.json, model.safetensors, tokenizer.json, BiCodec/, glm-4-voice-tokenizer/).
             device: default CUDA when available, else CPU.
             dtype: the LLM's dtype; default bfloat16 on CUDA, float32 on CPU.
-            quantize: "none", or "int8" for weight-only int8 LLM layers (CPU speed; bf16 activations).
+            quantize: "none", or "int8" for weight-only int8 LLM layers (CPU speed; activations in ``dtype``).
             vocoder_dtype: "float32" or "bfloat16" (about 1.7x faster on CPUs with bf16 units) for the codec's
                 decoder; tokenisation always runs in float32.
             quantize and vocoder_dtype left None take the checkpoint's ``inference.json`` settings for the

@@ -119,7 +119,7 @@ def test_cache_write_read_equals_update():
 
 
 @pytest.mark.parametrize("quantize,dtype,tol", [("none", torch.float32, 1e-5), ("none", torch.bfloat16, 3e-2),
-                                                ("int8", torch.bfloat16, 3e-2)])
+                                                ("int8", torch.float32, 3e-2), ("int8", torch.bfloat16, 3e-2)])
 def test_cached_fast_decode_equals_uncached(mini_dir, quantize, dtype, tol):
     """Step-by-step decoding on the fast path (fused, one-query attention) matches a full forward."""
     lm = _load(mini_dir, quantize=quantize, dtype=dtype).fuse()

@@ -197,6 +197,9 @@ def test_int8_weight_only_quantization(mini_dir, golden, expected):
     ckpt = Checkpoint.open(mini_dir)
     ref, quant = load_lm(ckpt), load_lm(ckpt, quantize="int8")
     assert quant.weight_quant == "int8" and isinstance(quant.model.layers[0].mlp.up_proj, Int8Linear)
+    # the activations (and KV cache) keep the dtype asked for: float32 unless told otherwise
+    assert quant.head_weight().dtype == torch.float32
+    assert load_lm(ckpt, dtype=torch.bfloat16, quantize="int8").head_weight().dtype == torch.bfloat16
     for key in expected["prompts"]:
         ids = golden[f"prompt.{key}"][None]
         assert rel_err(quant(ids)[0, -8:], ref(ids)[0, -8:]) < 0.05, key
