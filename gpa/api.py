@@ -56,6 +56,7 @@ def _default_device() -> torch.device:
 
 
 VOCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class GPA:
@@ -82,18 +83,29 @@ class GPA:
         Args:
             path: the directory (config.json, model.safetensors, tokenizer.json, BiCodec/, glm-4-voice-tokenizer/).
             device: default CUDA when available, else CPU.
-            dtype: the LLM's dtype; default bfloat16 on CUDA, float32 on CPU.
-            quantize: "none", or "int8" for weight-only int8 LLM layers (CPU speed; activations in ``dtype``).
+            dtype: the LLM's dtype (with int8: of its activations, embedding and KV cache); default the
+                checkpoint's ``inference.json`` setting, else bfloat16 on CUDA or with int8, else float32.
+                With int8 on CPU, float32 activations were faster for GPA-nano (its LLM 0.111 -> 0.092
+                RTF: bf16 attention and norms cost more in torch's small-op kernels than they save) but
+                not measurably for the 0.3B model in the engine (TTS c=1 RTF 2.35 vs 2.36), where they
+                cost 1.9 GB more memory (embedding and KV cache).
+            quantize: "none", or "int8" for weight-only int8 LLM layers (CPU speed).
             vocoder_dtype: "float32" or "bfloat16" (about 1.7x faster on CPUs with bf16 units) for the codec's
                 decoder; tokenisation always runs in float32.
-            quantize and vocoder_dtype left None take the checkpoint's ``inference.json`` settings for the
-            device type (the bundled GPA-nano asks for int8 and bfloat16 on CPU), else "none" and "float32".
+            quantize, vocoder_dtype and dtype left None take the checkpoint's ``inference.json`` settings for
+            the device type (the bundled GPA-nano asks for int8, a bfloat16 decoder and float32 activations
+            on CPU), else the defaults above.
         """
         ckpt = Checkpoint.open(path)
         device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         wanted = ckpt.inference_defaults(device)
         quantize = quantize or wanted.get("quantize", "none")
+        if dtype is None and "dtype" in wanted:
+            if wanted["dtype"] not in LLM_DTYPES:
+                raise ValueError(f"{ckpt.inference_file}: unknown dtype {wanted['dtype']!r}; expected one of "
+                                 f"{tuple(LLM_DTYPES)}")
+            dtype = LLM_DTYPES[wanted["dtype"]]
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" or quantize == "int8" else torch.float32)
         vocoder_dtype = vocoder_dtype or wanted.get("vocoder_dtype", "float32")
         if isinstance(vocoder_dtype, str):
             if vocoder_dtype not in VOCODER_DTYPES:

@@ -38,7 +38,7 @@ class BenchConfig:
     tts_tokens: int = 250  # semantic tokens per TTS request (5 s of audio)
     asr_seconds: float = 10.0  # length of the ASR input
     quantize: str = "none"  # "int8": weight-only int8 LLM
-    dtype: str = "float32"  # LLM dtype: float32 or bfloat16
+    dtype: str | None = None  # LLM dtype: float32, bfloat16, or None (the loader's: bf16 with int8, else float32)
     lookahead: int | None = None  # codes awaited after a chunk; None: exact, below the decoder's lookahead: approximate
     first_chunk: int = 5  # frames in the first audio chunk
     vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (float32 as loaded) or "bfloat16"
@@ -163,7 +163,8 @@ async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig, voice: Vo
 def _vllm_options(cfg: BenchConfig) -> VLLMOptions | None:
     """The vLLM options as run: dtype "auto" becomes the benchmark's dtype (the torch backend's)."""
     if cfg.vllm is not None and cfg.vllm.dtype == "auto" and cfg.vllm.url is None:
-        return replace(cfg.vllm, dtype=cfg.dtype)
+        loader_default = "bfloat16" if cfg.quantize == "int8" else "float32"  # GPA.from_dir's on CPU
+        return replace(cfg.vllm, dtype=cfg.dtype or loader_default)
     return cfg.vllm
 
 
@@ -195,7 +196,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     """Run every measurement; returns the JSON-ready report."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = None if cfg.dtype is None else {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = GPA.from_dir(cfg.model, device="cpu", dtype=dtype, quantize=cfg.quantize)
     voice = _voice(model)
     tts, asr = _run_engine(model, cfg, voice)

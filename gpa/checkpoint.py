@@ -42,7 +42,7 @@ def resolve_model(path: str | Path | None) -> Path:
 
 
 INFERENCE_FILE = "inference.json"  # optional: per device type, the speed settings used when none are given
-INFERENCE_KEYS = ("quantize", "vocoder_dtype")
+INFERENCE_KEYS = ("quantize", "vocoder_dtype", "dtype")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ class Checkpoint:
 
     def inference_defaults(self, device: torch.device) -> dict[str, str]:
         """The speed settings the checkpoint asks for on ``device``'s type when the caller gives none, from its
-        optional ``inference.json`` ({"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16"}}); {} without."""
+        optional ``inference.json`` ({"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16", "dtype": "float32"}});
+        {} without."""
         if not self.inference_file.is_file():
             return {}
         try:
@@ -149,11 +150,9 @@ def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.d
     """Build the LLM from ``config.json`` and load ``model.safetensors`` strictly.
 
     Args:
-        quantize: "none", or "int8" for weight-only int8 linear layers; ``dtype`` stays the activations'
-            (and KV cache's) dtype. On CPU float32 activations are the faster choice with int8 weights
-            (bf16 attention and norms cost more in torch's small-op kernels than they save; measured:
-            official-size decode step 34.9 -> 32.9 ms, GPA-nano LLM 0.111 -> 0.092 RTF) and the more
-            accurate one, at twice the KV cache's memory.
+        quantize: "none", or "int8" for weight-only int8 linear layers; ``dtype`` stays the dtype of
+            the activations, the embedding and the KV cache (see :meth:`gpa.api.GPA.from_dir` for the
+            default).
     """
     if quantize not in QUANT_MODES:
         raise ValueError(f"unknown quantization {quantize!r}; expected one of {QUANT_MODES}")

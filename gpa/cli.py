@@ -108,7 +108,8 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser("bench", help="measure TTS/ASR speed and print one JSON object", formatter_class=fmt)
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LLM dtype")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="LLM dtype (default: bfloat16 activations with --quantize int8, else float32)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated TTS concurrencies")
     p.add_argument("--tts-tokens", type=int, default=250, help="semantic tokens per TTS request (50 per second)")
     p.add_argument("--asr-seconds", type=float, default=10.0, help="ASR input length")

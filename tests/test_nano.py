@@ -410,16 +410,23 @@ def test_inference_json_sets_speed_defaults_and_is_checked(nano_dir, tmp_path):
                                                      "cuda": {"vocoder_dtype": "float32"}}))
     fast = gpa.load(ckpt, device="cpu")
     assert fast.lm.weight_quant == "int8" and fast.bicodec.decode_dtype == torch.bfloat16
+    assert fast.lm.head_weight().dtype == torch.bfloat16  # int8's default activations without a "dtype" setting
     wav, sr = fast.tts("Hello there.", seed=0, max_new_tokens=20)
     assert wav.dtype == np.float32 and np.isfinite(wav).all()
     mixed = gpa.load(ckpt, device="cpu", vocoder_dtype="float32")  # the caller's choice wins
     assert mixed.lm.weight_quant == "int8" and mixed.bicodec.decode_dtype == torch.float32
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"quantize": "int8", "dtype": "float32"}}))
+    assert gpa.load(ckpt, device="cpu").lm.head_weight().dtype == torch.float32
+    assert gpa.load(ckpt, device="cpu", dtype=torch.bfloat16).lm.head_weight().dtype == torch.bfloat16
     for bad in ("{not json", json.dumps({"cpu": {"threads": 4}}), json.dumps(["int8"])):
         (ckpt / "inference.json").write_text(bad)
         with pytest.raises(CheckpointError, match="inference.json"):
             gpa.load(ckpt, device="cpu")
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"vocoder_dtype": "float16"}}))
     with pytest.raises(ValueError, match="vocoder_dtype"):
+        gpa.load(ckpt, device="cpu")
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"dtype": "int4"}}))
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         gpa.load(ckpt, device="cpu")
 
 

@@ -115,7 +115,7 @@ BUNDLE_VOICES = {
 DEFAULT_VOICE = "slt"
 # The bundle's speed settings on CPU (its inference.json, see gpa.checkpoint.Checkpoint.inference_defaults):
 # TTS real-time factor 0.50 -> 0.30 on 2 cores (bench/nano_tts.py); the accuracy cost is in the model card.
-INFERENCE = {"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16"}}
+INFERENCE = {"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16", "dtype": "float32"}}
 
 
 def pick_voices(corpus: Path, out: Path) -> Path:
