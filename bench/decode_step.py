@@ -29,7 +29,7 @@ from gpa.checkpoint import Checkpoint, load_lm
 from gpa.config import SamplingParams
 from gpa.generation import GenerationRequest, SlotDecoder
 
-MODES = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "int8": (torch.float32, "int8")}
+MODES = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "int8": (torch.bfloat16, "int8")}
 HEAD_ROWS = 8193  # BiCodec's semantic codebook + the end token: a TTS step's output head
 
 

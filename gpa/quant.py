@@ -1,7 +1,7 @@
 """Weight-only int8 for the LLM's linear layers: CPU decoding reads half the bytes of bf16.
 
 Each output row keeps its own scale (symmetric, per channel); the product runs in torch's
-int8-weight kernel on bf16 inputs and returns in the activations' dtype (float32 on CPU by default).
+int8-weight kernel on bf16 inputs and returns in the activations' dtype (the model's).
 Decoding one token reads every weight once, so on a CPU its time follows the weight bytes: fp32 4,
 bf16 2, int8 1 byte per parameter.
 """
