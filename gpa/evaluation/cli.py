@@ -123,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = {"model": str(Path(args.model).resolve()) if args.model else None,
                 "quantize": model.lm.weight_quant if model is not None else None,
                 "vocoder_dtype": str(model.bicodec.decode_dtype).removeprefix("torch.") if model is not None else None,
+                "dtype": str(model.lm.head_weight().dtype).removeprefix("torch.") if model is not None else None,
                 "device": str(model.device) if model is not None else None}
     report = evaluate(model, test_sets, spec, judges, references, _options(args), args.save_audio,
                       progress=not args.no_progress, settings=settings)
