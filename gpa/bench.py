@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpa.api import GPA, Voice
+from gpa.api import GPA, LLM_DTYPES, Voice
 from gpa.config import Task
 from gpa.engine import AudioChunk, Engine, EngineConfig, EngineRequest, StreamConfig, TextDelta
 from gpa.engine.backend import VLLMOptions
@@ -160,11 +160,10 @@ async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig, voice: Vo
     return tts, await _asr_round(engine, model, cfg.asr_seconds)
 
 
-def _vllm_options(cfg: BenchConfig) -> VLLMOptions | None:
-    """The vLLM options as run: dtype "auto" becomes the benchmark's dtype (the torch backend's)."""
+def _vllm_options(cfg: BenchConfig, model: GPA) -> VLLMOptions | None:
+    """The vLLM options as run: dtype "auto" becomes the dtype the torch backend's model was loaded in."""
     if cfg.vllm is not None and cfg.vllm.dtype == "auto" and cfg.vllm.url is None:
-        loader_default = "bfloat16" if cfg.quantize == "int8" else "float32"  # GPA.from_dir's on CPU
-        return replace(cfg.vllm, dtype=cfg.dtype or loader_default)
+        return replace(cfg.vllm, dtype=str(model.lm.head_weight().dtype).removeprefix("torch."))
     return cfg.vllm
 
 
@@ -173,7 +172,8 @@ def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict],
     stream = StreamConfig(first_chunk=cfg.first_chunk, lookahead=cfg.lookahead)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
     engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
-                                        vocoder_dtype=cfg.vocoder_dtype, backend=cfg.backend, vllm=_vllm_options(cfg)))
+                                        vocoder_dtype=cfg.vocoder_dtype, backend=cfg.backend,
+                                        vllm=_vllm_options(cfg, model)))
     result: dict[str, Any] = {}
 
     async def clients() -> None:
@@ -196,7 +196,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     """Run every measurement; returns the JSON-ready report."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dtype = None if cfg.dtype is None else {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = None if cfg.dtype is None else LLM_DTYPES[cfg.dtype]
     model = GPA.from_dir(cfg.model, device="cpu", dtype=dtype, quantize=cfg.quantize)
     voice = _voice(model)
     tts, asr = _run_engine(model, cfg, voice)
@@ -205,7 +205,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     bound = bandwidth * 1e9 / decode_bytes_per_token(model, model.bicodec.semantic_codebook_size + 1)
     baseline = transformers_baseline(cfg.model, model, voice, cfg.baseline_tokens) if cfg.baseline_tokens else {}
     c1 = by_c.get(1, tts[0])
-    vllm = _vllm_options(cfg)
+    vllm = _vllm_options(cfg, model)
     report = {
         "tts_rtf_c1": c1["rtf_mean"],
         "tts_ttfa_ms_c1": c1["ttfa_ms_p50"],
