@@ -19,12 +19,12 @@ from gpa.audio import SAMPLE_RATE, AudioInput, load_audio
 from gpa.checkpoint import Checkpoint, load_codecs, load_lm, resolve_model
 from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
-from gpa.config import DEFAULT_SAMPLING, SamplingParams, Task
+from gpa.config import ASR_FALLBACK, DEFAULT_SAMPLING, ASRFallback, SamplingParams, Task
 from gpa.generation import GenerationRequest, generate
 from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.model import GPALM
 from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt
-from gpa.text import split_text
+from gpa.text import compression_ratio, split_text
 from gpa.vocab import Vocab
 from gpa.voices import BuiltinVoice, builtin_voices, default_voice, lookup
 
@@ -182,15 +182,30 @@ class GPA:
 
     # --- tasks --------------------------------------------------------------------------------------
 
-    def asr(self, audio: Audio, **options: Any) -> str:
-        """Transcribe speech. ``options``: SamplingParams fields (default greedy)."""
-        return self.asr_batch([audio], **options)[0]
+    def asr(self, audio: Audio, fallback: ASRFallback | None = ASR_FALLBACK, **options: Any) -> str:
+        """Transcribe speech. ``options``: SamplingParams fields (default greedy).
 
-    def asr_batch(self, audios: Sequence[Audio], **options: Any) -> list[str]:
-        """Transcribe several inputs in one batch."""
+        ``fallback``: a transcript that loops (compresses too well) is decoded again at higher
+        temperatures, as whisper does (:class:`gpa.config.ASRFallback`); None keeps the first decode.
+        """
+        return self.asr_batch([audio], fallback, **options)[0]
+
+    def asr_batch(self, audios: Sequence[Audio], fallback: ASRFallback | None = ASR_FALLBACK,
+                  **options: Any) -> list[str]:
+        """Transcribe several inputs in one batch (``fallback`` as in :meth:`asr`, per input)."""
         params = self.sampling(Task.ASR, **options)
-        outputs = self._generate(Task.ASR, self.asr_prompts(audios), params)
-        return [self.vocab.decode_text(ids).strip() for ids in outputs]
+        prompts = self.asr_prompts(audios)
+        texts = [self.vocab.decode_text(ids).strip() for ids in self._generate(Task.ASR, prompts, params)]
+        for retry in fallback.retries(params) if fallback is not None else []:
+            redo = [i for i, t in enumerate(texts) if fallback.needs_retry(compression_ratio(t))]
+            if not redo:
+                break
+            logger.info("ASR fallback: %d transcript(s) loop; decoding again at temperature %g", len(redo),
+                        retry.temperature)
+            outputs = self._generate(Task.ASR, [prompts[i] for i in redo], retry)
+            for i, ids in zip(redo, outputs, strict=True):
+                texts[i] = self.vocab.decode_text(ids).strip()
+        return texts
 
     def asr_prompts(self, audios: Sequence[Audio]) -> list[Prompt]:
         """ASR prompts: GLM reads the audio at its own level (as the authors feed it), BiCodec the

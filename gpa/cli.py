@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from gpa.audio import AudioError, save_audio
+from gpa.config import ASR_FALLBACK, ASRFallback
 
 logger = logging.getLogger("gpa")
 
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--format", choices=["text", "json"], default="text",
                      help="text: one transcript per line; json: one JSON object per line")
     asr.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
+    asr.add_argument("--compression-ratio-threshold", type=float, default=ASR_FALLBACK.compression_ratio_threshold,
+                     help="decode a transcript again at higher temperatures when its zlib compression ratio is "
+                          "above this (whisper's loop guard); 0 turns the guard off")
 
     tts = sub.add_parser("tts", help="speak text in the voice of a reference recording", formatter_class=fmt)
     tts.add_argument("inputs", nargs="*", help="text(s) to speak (or use --list with one text per line)")
@@ -337,10 +341,12 @@ def cmd_asr(args: argparse.Namespace) -> int:
     items = _inputs(args)
     model = _load_model(args)
     options = _options(args)
+    threshold = args.compression_ratio_threshold
+    fallback = ASRFallback(compression_ratio_threshold=threshold) if threshold else None
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
 
     def work(item: str) -> None:
-        text = model.asr(item, **options)
+        text = model.asr(item, fallback=fallback, **options)
         line = json.dumps({"file": item, "text": text}, ensure_ascii=False) if args.format == "json" else text
         print(line, file=out, flush=True)
 

@@ -122,3 +122,31 @@ DEFAULT_SAMPLING: dict[Task, SamplingParams] = {
     Task.TTS: SamplingParams(temperature=0.2, repetition_penalty=1.2, max_new_tokens=1500),
     Task.VC: SamplingParams(temperature=0.2, repetition_penalty=1.2, max_new_tokens=1500),
 }
+
+
+@dataclass(frozen=True)
+class ASRFallback:
+    """Whisper's guard against a transcript stuck in a loop: when the text compresses too well (zlib
+    ratio above ``compression_ratio_threshold``), decode again at each of ``temperatures`` in turn
+    (those above the request's own) until one does not; the last attempt is kept if none passes.
+    ``compression_ratio_threshold=None`` turns the guard off."""
+
+    compression_ratio_threshold: float | None = 2.4
+    temperatures: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.compression_ratio_threshold is not None and not self.compression_ratio_threshold > 1:
+            raise ValueError(f"compression_ratio_threshold must be > 1 or None, got {self.compression_ratio_threshold}")
+        if any(not t > 0 for t in self.temperatures) or list(self.temperatures) != sorted(self.temperatures):
+            raise ValueError(f"fallback temperatures must be increasing and > 0, got {self.temperatures}")
+
+    def needs_retry(self, ratio: float) -> bool:
+        """True when a transcript with this compression ratio should be decoded again."""
+        return self.compression_ratio_threshold is not None and ratio > self.compression_ratio_threshold
+
+    def retries(self, params: SamplingParams) -> list[SamplingParams]:
+        """The sampling settings to try, in order, after ``params`` gave a looping transcript."""
+        return [params.replace(temperature=t) for t in self.temperatures if t > params.temperature]
+
+
+ASR_FALLBACK = ASRFallback()  # whisper's defaults

@@ -1,8 +1,10 @@
-"""Splitting long text for TTS at sentence boundaries (English and CJK punctuation)."""
+"""Text helpers: splitting long text for TTS at sentence boundaries (English and CJK punctuation), and
+the compression ratio that flags a looping transcript."""
 
 from __future__ import annotations
 
 import re
+import zlib
 
 # A sentence ends at . ! ? ; (or their CJK forms) followed by space or the end; CJK marks need no space.
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|(?<=[。！？；])")
@@ -58,3 +60,12 @@ def split_text(text: str, max_chars: int = MAX_CHARS) -> list[str]:
         for clause in _pieces(sentence, _CLAUSE_END):
             out.extend([clause] if len(clause) <= max_chars else _hard_split(clause, max_chars))
     return _pack(out, max_chars)
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 length over zlib-compressed length (whisper's loop signal; 0.0 for empty text).
+
+    Ordinary sentences score about 1-2; text that repeats itself scores far higher.
+    """
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0

@@ -10,6 +10,7 @@ a speaker path (GPA-nano 0.2) the same voice for every reference.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -110,3 +111,35 @@ def test_tts_and_vc_take_the_reference_voice(bundled_model, fixtures):
     source = fixtures.parent / SEEN_RECORDING  # cathy (female)
     out = embed(model.vc(source, reference="bdl", seed=0))
     assert out @ clips["bdl"] > out @ embed(source) + 0.15
+
+
+def test_asr_decodes_a_looping_transcript_again(bundled_model, tmp_path):
+    """Whisper's loop guard: GPA-nano's greedy transcript of white noise repeats one syllable to the token
+    limit (compression ratio ~10); with the default fallback the transcript is decoded again at higher
+    temperatures until it no longer loops."""
+    from gpa.config import ASR_FALLBACK
+    from gpa.text import compression_ratio
+
+    model = gpa.load(bundled_model, device="cpu")
+    noise = (0.1 * np.random.default_rng(0).standard_normal(3 * 16000)).astype(np.float32)
+    greedy = model.asr((noise, 16000), fallback=None, max_new_tokens=120)
+    assert ASR_FALLBACK.needs_retry(compression_ratio(greedy)), greedy
+    guarded = model.asr((noise, 16000), seed=0, max_new_tokens=120)
+    assert guarded != greedy and not ASR_FALLBACK.needs_retry(compression_ratio(guarded)), guarded
+
+    # The server's transcription endpoint does the same (OpenAI: temperature 0 "automatically increases the
+    # temperature"), reports the temperature that made each segment, and matches the API for the same seed.
+    httpx = pytest.importorskip("httpx")
+    from gpa.server import ServerSettings, create_app
+    from gpa.server.runner import BackgroundServer
+
+    buf = io.BytesIO()
+    sf.write(buf, noise, 16000, format="WAV")
+    settings = ServerSettings(model_name="gpa-nano", voices_dir=tmp_path)
+    with BackgroundServer(create_app(model, settings)) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        r = c.post("/v1/audio/transcriptions", files={"file": ("noise.wav", buf.getvalue(), "audio/wav")},
+                   data={"response_format": "verbose_json", "seed": "0", "max_new_tokens": "120"})
+    assert r.status_code == 200, r.text
+    (segment,) = r.json()["segments"]
+    assert segment["text"] == guarded and segment["temperature"] > 0
+    assert segment["compression_ratio"] <= ASR_FALLBACK.compression_ratio_threshold

@@ -24,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from gpa.api import Voice
 from gpa.audio import SAMPLE_RATE
-from gpa.config import Task
+from gpa.config import ASR_FALLBACK, Task
 from gpa.engine import AudioChunk, Engine, Event, Finished, TextDelta
 from gpa.server import media, transcripts
 from gpa.server.errors import APIError, ClientGone, bad_request, to_api_error
@@ -42,7 +42,7 @@ from gpa.server.protocol import (
 )
 from gpa.server.settings import ServerSettings
 from gpa.server.voices import Voices, VoiceStore
-from gpa.text import split_text
+from gpa.text import compression_ratio, split_text
 
 logger = logging.getLogger(__name__)
 
@@ -311,9 +311,14 @@ class Serving:
         segments = []
         for i, (a, b) in enumerate(spans):
             events = first if i == 0 else await self.engine.asr((wav[a:b], SAMPLE_RATE), **options)
-            done = (await self._collect(events, request))[-1]
-            segments.append(transcripts.Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, done.text or ""))
-        return transcripts.render(form.response_format, segments, duration, form.language, params.temperature)
+            text, temperature = (await self._collect(events, request))[-1].text or "", params.temperature
+            for retry in ASR_FALLBACK.retries(params):  # a looping transcript: decode again, as whisper does
+                if not ASR_FALLBACK.needs_retry(compression_ratio(text)):
+                    break
+                events = await self.engine.asr((wav[a:b], SAMPLE_RATE), **dataclasses.asdict(retry))
+                text, temperature = (await self._collect(events, request))[-1].text or "", retry.temperature
+            segments.append(transcripts.Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, text, temperature))
+        return transcripts.render(form.response_format, segments, duration, form.language)
 
     async def _sse_transcript(self, first: AsyncIterator[Event], wav: np.ndarray, spans: list[tuple[int, int]],
                               options: dict[str, Any]) -> AsyncIterator[str]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from gpa.server.protocol import Transcription, TranscriptionSegment, TranscriptionVerbose
+from gpa.text import compression_ratio
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class Segment:
     start: float  # seconds from the start of the upload
     end: float
     text: str
+    temperature: float  # the decode that produced ``text`` (above the request's after a fallback)
 
 
 def join(segments: list[Segment]) -> str:
@@ -42,20 +43,16 @@ def vtt(segments: list[Segment]) -> str:
                                   for s in segments if s.text)
 
 
-def _compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return round(len(data) / len(zlib.compress(data)), 3) if data else 0.0
-
-
-def verbose(segments: list[Segment], duration: float, language: str | None, temperature: float) -> TranscriptionVerbose:
+def verbose(segments: list[Segment], duration: float, language: str | None) -> TranscriptionVerbose:
     items = [TranscriptionSegment(id=i, seek=round(s.start * 100), start=round(s.start, 3), end=round(s.end, 3),
-                                  text=s.text, temperature=temperature, compression_ratio=_compression_ratio(s.text))
+                                  text=s.text, temperature=s.temperature,
+                                  compression_ratio=round(compression_ratio(s.text), 3))
              for i, s in enumerate(segments)]
     return TranscriptionVerbose(language=language or "unknown", duration=round(duration, 3), text=join(segments),
                                 segments=items, usage={"type": "duration", "seconds": round(duration, 3)})
 
 
-def render(fmt: str, segments: list[Segment], duration: float, language: str | None, temperature: float) -> Response:
+def render(fmt: str, segments: list[Segment], duration: float, language: str | None) -> Response:
     """The response for ``response_format`` ``fmt``."""
     if fmt == "text":
         return PlainTextResponse(join(segments) + "\n")
@@ -64,6 +61,6 @@ def render(fmt: str, segments: list[Segment], duration: float, language: str | N
     if fmt == "vtt":
         return PlainTextResponse(vtt(segments), media_type="text/vtt")
     if fmt == "verbose_json":
-        return JSONResponse(verbose(segments, duration, language, temperature).model_dump())
+        return JSONResponse(verbose(segments, duration, language).model_dump())
     body = Transcription(text=join(segments), usage={"type": "duration", "seconds": round(duration, 3)})
     return JSONResponse(body.model_dump())
