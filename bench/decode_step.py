@@ -1,4 +1,4 @@
-"""Decode-step speed of the LLM on the CPU: ms per step at several batch sizes, fp32 / bf16 / int8.
+"""Decode-step speed of the LLM on the CPU: ms per step at several batch sizes, fp32 / bf16 / int8 / int4.
 
 Runs :class:`gpa.generation.SlotDecoder` on a checkpoint with the official shapes (random weights are
 fine: speed does not depend on values), each row a TTS-like request (output head over 8193 ids) at
@@ -29,7 +29,8 @@ from gpa.checkpoint import Checkpoint, load_lm
 from gpa.config import SamplingParams
 from gpa.generation import GenerationRequest, SlotDecoder
 
-MODES = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "int8": (torch.bfloat16, "int8")}
+MODES = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "int8": (torch.bfloat16, "int8"),
+         "int4": (torch.bfloat16, "int4"), "int8-fp32": (torch.float32, "int8"), "int4-fp32": (torch.float32, "int4")}
 HEAD_ROWS = 8193  # BiCodec's semantic codebook + the end token: a TTS step's output head
 
 
@@ -47,7 +48,7 @@ def read_bandwidth_gbs(megabytes: int = 512) -> float:
 def step_bytes(lm: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: every layer plus the TTS head rows."""
     layers = sum(t.numel() * t.element_size() for t in lm.model.layers.state_dict().values())
-    per_row = lm.config.hidden_size * (1 if lm.weight_quant == "int8" else lm.head_weight().element_size())
+    per_row = lm.config.hidden_size * (1 if lm.weight_quant != "none" else lm.head_weight().element_size())
     return layers + HEAD_ROWS * per_row
 
 
@@ -114,7 +115,8 @@ def main() -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     default = os.environ.get("GPA_OFFICIAL_DIR", str(Path.home() / ".cache/gpa/tests/official-shaped"))
     p.add_argument("--model", default=default, help="checkpoint directory with the official shapes")
-    p.add_argument("--modes", default="fp32,bf16,int8", help="comma-separated: fp32, bf16, int8")
+    p.add_argument("--modes", default="fp32,bf16,int8",
+                   help="comma-separated: " + ", ".join(MODES) + " (int8/int4: bf16 activations unless -fp32)")
     p.add_argument("--batches", default="1,4,8", help="comma-separated batch sizes")
     p.add_argument("--prompt", type=int, default=200, help="context tokens per row before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")

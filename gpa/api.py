@@ -83,13 +83,16 @@ class GPA:
         Args:
             path: the directory (config.json, model.safetensors, tokenizer.json, BiCodec/, glm-4-voice-tokenizer/).
             device: default CUDA when available, else CPU.
-            dtype: the LLM's dtype (with int8: of its activations, embedding and KV cache); default the
-                checkpoint's ``inference.json`` setting, else bfloat16 on CUDA or with int8, else float32.
+            dtype: the LLM's dtype (with int8 / int4: of its activations, embedding and KV cache); default the
+                checkpoint's ``inference.json`` setting, else bfloat16 on CUDA or with int8, else float32
+                (int4's kernel takes bf16 inputs either way; float32 around it was faster: 0.3B decode
+                step at batch 1, 22.5 ms against 30.0 with bfloat16).
                 With int8 on CPU, float32 activations were faster for GPA-nano (its LLM 0.111 -> 0.092
                 RTF: bf16 attention and norms cost more in torch's small-op kernels than they save) but
                 not measurably for the 0.3B model in the engine (TTS c=1 RTF 2.35 vs 2.36), where they
                 cost 1.9 GB more memory (embedding and KV cache).
-            quantize: "none", or "int8" for weight-only int8 LLM layers (CPU speed).
+            quantize: "none", "int8" for weight-only int8 LLM layers (CPU speed), or "int4" (CPU only: half
+                int8's weight bytes per step, less accurate; see :mod:`gpa.quant`).
             vocoder_dtype: "float32" or "bfloat16" (about 1.7x faster on CPUs with bf16 units) for the codec's
                 decoder; tokenisation always runs in float32.
             quantize, vocoder_dtype and dtype left None take the checkpoint's ``inference.json`` settings for

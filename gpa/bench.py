@@ -75,7 +75,7 @@ def decode_bytes_per_token(model: GPA, head_rows: int) -> int:
     """Weight bytes one decode step must read: every transformer layer plus the used head rows."""
     layers = sum(b.numel() * b.element_size() for b in model.lm.model.layers.state_dict().values())
     head = model.lm.head_weight()
-    per_row = head.shape[1] * (1 if model.lm.weight_quant == "int8" else head.element_size())
+    per_row = head.shape[1] * (1 if model.lm.weight_quant != "none" else head.element_size())  # int8 head
     return layers + head_rows * per_row
 
 

@@ -15,9 +15,9 @@ from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
 from gpa.codecs.nano import WEIGHT_FILES as NANO_WEIGHT_FILES
 from gpa.codecs.nano import NanoASRTokenizer, NanoCodec
-from gpa.config import ModelConfig
+from gpa.config import QUANT_MODES, ModelConfig
 from gpa.model import GPALM
-from gpa.quant import QUANT_MODES, quantize_int8
+from gpa.quant import quantize_weights
 from gpa.weights import CheckpointError, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.d
     """Build the LLM from ``config.json`` and load ``model.safetensors`` strictly.
 
     Args:
-        quantize: "none", or "int8" for weight-only int8 linear layers; ``dtype`` stays the dtype of
+        quantize: "none", or "int8" / "int4" (CPU) for weight-only quantized linear layers; ``dtype`` stays the dtype of
             the activations, the embedding and the KV cache (see :meth:`gpa.api.GPA.from_dir` for the
             default).
     """
@@ -169,7 +169,7 @@ def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.d
     load_strict(model, state, str(ckpt.llm_weights), ignore_unexpected=ignore)
     logger.info("loaded LLM: %d layers, hidden %d, vocab %d", cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if quantize == "int8":
-        quantize_int8(model)
-        model.weight_quant = "int8"
+    if quantize != "none":
+        quantize_weights(model, quantize)
+        model.weight_quant = quantize
     return model

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from gpa.audio import AudioError, save_audio
-from gpa.config import ASR_FALLBACK, ASRFallback
+from gpa.config import ASR_FALLBACK, QUANT_MODES, ASRFallback
 
 logger = logging.getLogger("gpa")
 
@@ -33,7 +33,7 @@ SPEED_DEFAULT = "default: the checkpoint's inference.json for the device, else "
 
 def _add_speed(p: argparse.ArgumentParser) -> None:
     """--quantize and --vocoder-dtype, whose defaults come from the checkpoint (GPA-nano: int8, bfloat16 on CPU)."""
-    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+    p.add_argument("--quantize", default=None, choices=list(QUANT_MODES),
                    help=f"LLM weight quantization ({SPEED_DEFAULT}none)")
     p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
                    help=f"precision of the codec's decoder ({SPEED_DEFAULT}float32; bfloat16 ~1.7x faster on CPU)")
@@ -111,7 +111,7 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     """``gpa bench``: engine speed beside a transformers baseline (its logic lives in gpa.bench)."""
     p = sub.add_parser("bench", help="measure TTS/ASR speed and print one JSON object", formatter_class=fmt)
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="LLM weight quantization")
+    p.add_argument("--quantize", default="none", choices=list(QUANT_MODES), help="LLM weight quantization")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="LLM dtype (default: bfloat16 activations with --quantize int8, else float32)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated TTS concurrencies")

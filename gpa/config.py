@@ -85,6 +85,9 @@ class ModelConfig:
         return cls.from_dict({f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
+QUANT_MODES = ("none", "int8", "int4")  # LLM weight-only quantization (gpa.quant)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token. ``temperature == 0`` means greedy."""

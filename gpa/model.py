@@ -159,7 +159,7 @@ def _fused_linear(parts: list[nn.Module]) -> nn.Module:
             p.weight.data = weight[start : start + n]
             start += n
         return fused
-    return type(first).fuse(parts)  # e.g. gpa.quant.Int8Linear
+    return type(first).fuse(parts)  # gpa.quant.Int8Linear or Int4Linear
 
 
 class Attention(nn.Module):
@@ -257,7 +257,7 @@ class GPALM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.weight_quant = "none"  # "int8" after gpa.quant.quantize_int8 (set by the loader)
+        self.weight_quant = "none"  # "int8" or "int4" after gpa.quant.quantize_weights (set by the loader)
         self.model = Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)

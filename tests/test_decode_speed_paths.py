@@ -11,7 +11,7 @@ from gpa.config import SamplingParams
 from gpa.generation import GenerationRequest, generate
 from gpa.kv_cache import KVCache
 from gpa.model import GPALM, RopeTable, apply_rope, attend_one, rope, rope_tables
-from gpa.quant import Int8Linear
+from gpa.quant import Int4Linear, Int8Linear
 from tests.conftest import rel_err
 
 
@@ -34,7 +34,7 @@ def _decode_logits(lm: GPALM, seq: torch.Tensor, prefix: int, dtype: torch.dtype
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_fused_projections_equal_separate(mini_dir, quantize):
     """Fusing q/k/v and gate/up keeps state_dict and weights; outputs match the separate layers."""
     lm = _load(mini_dir, quantize=quantize)
@@ -66,6 +66,17 @@ def test_int8_fused_layer_is_exact():
     expected = torch.cat([p(x) for p in parts], dim=-1)
     assert torch.equal(fused(x), expected)
     assert parts[1].weight.data_ptr() == fused.weight.data_ptr() + 48 * 64
+
+
+def test_int4_fused_layer_is_exact():
+    """int4 rows are packed in whole blocks of 64, so the fused product is exactly the parts' concatenated."""
+    g = torch.Generator().manual_seed(0)
+    parts = [Int4Linear(torch.randn(n, 128, generator=g)) for n in (192, 64, 64)]
+    fused = Int4Linear.fuse(parts)
+    for rows in (1, 3):
+        x = torch.randn(rows, 128, generator=g)
+        assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    assert parts[1].weight.data_ptr() == fused.weight.data_ptr() + 192 * 64  # views: no extra memory
 
 
 def test_moving_the_model_drops_fusion(mini_dir):
@@ -119,7 +130,8 @@ def test_cache_write_read_equals_update():
 
 
 @pytest.mark.parametrize("quantize,dtype,tol", [("none", torch.float32, 1e-5), ("none", torch.bfloat16, 3e-2),
-                                                ("int8", torch.float32, 3e-2), ("int8", torch.bfloat16, 3e-2)])
+                                                ("int8", torch.float32, 3e-2), ("int8", torch.bfloat16, 3e-2),
+                                                ("int4", torch.float32, 3e-2), ("int4", torch.bfloat16, 3e-2)])
 def test_cached_fast_decode_equals_uncached(mini_dir, quantize, dtype, tol):
     """Step-by-step decoding on the fast path (fused, one-query attention) matches a full forward."""
     lm = _load(mini_dir, quantize=quantize, dtype=dtype).fuse()
@@ -129,9 +141,11 @@ def test_cached_fast_decode_equals_uncached(mini_dir, quantize, dtype, tol):
     assert rel_err(_decode_logits(lm, seq, 25, dtype), full) < tol
 
 
-def test_batched_rows_at_different_positions_equal_single(mini_dir):
-    """Rows at different lengths share a step (the additive mask hides each row's stale keys)."""
-    lm = _load(mini_dir)
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_batched_rows_at_different_positions_equal_single(mini_dir, quantize):
+    """Rows at different lengths share a step (the additive mask hides each row's stale keys); the
+    quantized kernels compute each row on its own, so batching changes nothing there either."""
+    lm = _load(mini_dir, quantize=quantize)
     prompts = [_ids(n, lm.config.vocab_size, n)[0].tolist() for n in (9, 31, 17)]
     reqs = [GenerationRequest(p, SamplingParams(temperature=0, max_new_tokens=10)) for p in prompts]
     assert generate(lm, reqs) == [generate(lm, [r])[0] for r in reqs]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpa.audio import AudioError
+from gpa.config import QUANT_MODES
 from gpa.evaluation.deps import JudgeUnavailable
 from gpa.evaluation.judges import ASR_MODELS, JudgeConfig, get_judges
 from gpa.evaluation.manifest import REFERENCE_MODES, TASKS, EvalSpec, TestSet, load_manifest
@@ -44,7 +45,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("--save-audio", type=Path, default=None, help="keep the synthesised audio in this directory")
     p.add_argument("--no-warmup", action="store_true", help="time the first model call of each task too")
     p.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
-    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+    p.add_argument("--quantize", default=None, choices=list(QUANT_MODES),
                    help="LLM weight quantization (default: the checkpoint's inference.json, else none)")
     p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
                    help="precision of the codec's decoder (default: the checkpoint's inference.json, else float32)")
