@@ -1,5 +1,5 @@
 """GPA-nano TTS speed on this machine: the bundle's CPU settings (int8 LLM, bfloat16 decoder) beside exact
-float32, on the same sentences, seeds and voice.
+float32 (and, with ``--modes exact,fast,int4``, an int4 LLM), on the same sentences, seeds and voice.
 
 Prints one JSON object: per mode the real-time factor (wall seconds over audio seconds) of the whole
 ``GPA.tts`` call and of its two parts (LLM generation, codec decoding), LLM tokens per second, and the
@@ -32,7 +32,8 @@ SENTENCES = [  # held-out-bucket sentences of the corpus (never trained on)
     "A good book is the best of friends, the same today and forever.",
     "He turned the corner and saw the lights of the little town below.",
 ]
-MODES = {"exact": dict(quantize="none", vocoder_dtype="float32"), "fast": dict(quantize=None, vocoder_dtype=None)}
+MODES = {"exact": dict(quantize="none", vocoder_dtype="float32"), "fast": dict(quantize=None, vocoder_dtype=None),
+         "int4": dict(quantize="int4", vocoder_dtype=None)}  # int4: the bundle's settings with an int4 LLM
 
 
 def one(model: gpa.GPA, text: str, reference: str, seed: int) -> dict[str, float]:
@@ -53,9 +54,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--sentences", type=int, default=6, help=f"sentences per mode (at most {len(SENTENCES)})")
     p.add_argument("--reference", default=None, help="a reference audio file (default: the default built-in voice)")
+    p.add_argument("--modes", default="exact,fast", help="comma-separated, from " + ", ".join(MODES) +
+                   " (exact and fast are always run)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    models = {name: gpa.load(args.model, device="cpu", **kw) for name, kw in MODES.items()}
+    names = ["exact", "fast"] + [m for m in args.modes.split(",") if m not in ("exact", "fast")]
+    models = {name: gpa.load(args.model, device="cpu", **MODES[name]) for name in names}
     reference = args.reference or models["fast"].default_voice()
     for m in models.values():
         one(m, SENTENCES[0], reference, 0)  # warm-up
@@ -73,7 +77,8 @@ def main() -> None:
                      "llm_rtf": round(s["llm_s"] / s["audio_s"], 3),
                      "decode_rtf": round(s["decode_s"] / s["audio_s"], 3),
                      "llm_tokens_per_s": round(s["tokens"] / s["llm_s"], 1), "audio_s": round(s["audio_s"], 2)}
-    out["fast_speedup"] = round(out["exact"]["rtf"] / out["fast"]["rtf"], 2)  # type: ignore[index]
+    for name in names[1:]:
+        out[f"{name}_speedup"] = round(out["exact"]["rtf"] / out[name]["rtf"], 2)  # type: ignore[index]
     print(json.dumps(out, indent=1))
 
 

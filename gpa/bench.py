@@ -37,11 +37,12 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
     tts_tokens: int = 250  # semantic tokens per TTS request (5 s of audio)
     asr_seconds: float = 10.0  # length of the ASR input
-    quantize: str = "none"  # "int8": weight-only int8 LLM
+    quantize: str = "none"  # "int8" / "int4": weight-only quantized LLM
     dtype: str | None = None  # LLM dtype: float32, bfloat16, or None (the loader's: bf16 with int8, else float32)
     lookahead: int | None = None  # codes awaited after a chunk; None: exact, below the decoder's lookahead: approximate
     first_chunk: int = 5  # frames in the first audio chunk
     vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (float32 as loaded) or "bfloat16"
+    inline_vocoder: bool = False  # EngineConfig.inline_vocoder: audio decoded on the decode loop's thread
     baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     backend: str = "torch"  # what generates the tokens: "torch" (gpa's decode loop) or "vllm"
@@ -172,7 +173,8 @@ def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict],
     stream = StreamConfig(first_chunk=cfg.first_chunk, lookahead=cfg.lookahead)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
     engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
-                                        vocoder_dtype=cfg.vocoder_dtype, backend=cfg.backend,
+                                        vocoder_dtype=cfg.vocoder_dtype, inline_vocoder=cfg.inline_vocoder,
+                                        backend=cfg.backend,
                                         vllm=_vllm_options(cfg, model)))
     result: dict[str, Any] = {}
 

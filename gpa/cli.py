@@ -123,6 +123,8 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--first-chunk", type=int, default=5, help="frames (20 ms) in the first audio chunk")
     p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
                    help="BiCodec decoding precision (default: as loaded, float32)")
+    p.add_argument("--inline-vocoder", action="store_true",
+                   help="decode audio on the decode loop's thread between steps (fewer busy threads than cores)")
     p.add_argument("--baseline-tokens", type=int, default=100,
                    help="tokens for the transformers generate baseline (0 skips it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -148,7 +150,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model, concurrency=concurrency, tts_tokens=args.tts_tokens,
                       asr_seconds=args.asr_seconds, quantize=args.quantize, dtype=args.dtype,
                       lookahead=args.lookahead, first_chunk=args.first_chunk, vocoder_dtype=args.vocoder_dtype,
-                      baseline_tokens=args.baseline_tokens, threads=args.threads,
+                      inline_vocoder=args.inline_vocoder, baseline_tokens=args.baseline_tokens, threads=args.threads,
                       backend=args.backend, vllm=vllm)
     print(json.dumps(run(cfg), indent=1))
     return 0

@@ -118,6 +118,29 @@ def test_streamed_audio_equals_offline_decode(model, voice, config):
     assert np.allclose(streamed - streamed.mean(), wav, atol=1e-5)
 
 
+def test_inline_vocoder_streams_the_same_audio(model, voice, golden_inputs):
+    """EngineConfig(inline_vocoder=True) decodes audio on the decode loop's thread: concurrent streamed
+    requests still get exactly the offline audio, and the engine still serves text alongside."""
+    texts = ["Hello there.", "Three."]
+
+    async def main():
+        async with Engine(model, EngineConfig(max_slots=4, inline_vocoder=True)) as eng:
+            jobs = [eng.tts(t, voice, **SAMPLED) for t in texts]
+            jobs += [eng.vc(golden_inputs["short_16k"], voice, **SAMPLED), eng.asr(golden_inputs["long_16k"],
+                                                                                   max_new_tokens=12)]
+            streams = [await j for j in jobs]
+            return await asyncio.gather(*(collect(st) for st in streams))
+
+    results = run(main())
+    offline = [model.tts(t, voice, **SAMPLED)[0] for t in texts] + [model.vc(golden_inputs["short_16k"], voice,
+                                                                               **SAMPLED)[0]]
+    for wav, events in zip(offline, results[:3], strict=True):
+        got = audio_of(events)
+        assert len(got) == len(wav) and np.allclose(got - got.mean(), wav, atol=1e-5)
+    assert any(sum(isinstance(e, AudioChunk) for e in ev) > 2 for ev in results[:3])  # really streamed
+    assert results[3][-1].text == model.asr(golden_inputs["long_16k"], fallback=None, max_new_tokens=12)
+
+
 def test_streamer_context_sizes(model):
     field = receptive_field(model.bicodec)
     codes = torch.randint(0, model.bicodec.semantic_codebook_size, (150,), generator=torch.Generator().manual_seed(0))

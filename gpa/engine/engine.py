@@ -43,6 +43,10 @@ class EngineConfig:
     # decode loop the only OpenMP team (see _helper_threads): on 2 cores TTS c=1 RTF 2.64 -> 2.03 and
     # first audio 3.8 -> 2.5 s, at the cost of c=8 (1.01x -> 0.84x real time) and ASR prep (RTF 0.95 -> 1.2).
     helper_threads: int | None = 1
+    # Decode audio on the decode loop's thread, between steps, instead of on the vocoder thread: no
+    # second busy thread beside the decode loop's OpenMP team (on 2 cores the two slow each other
+    # down), at the cost of pausing every request's decoding while a chunk is decoded.
+    inline_vocoder: bool = False
 
     def __post_init__(self) -> None:
         if self.helper_threads is not None and self.helper_threads < 1:
@@ -86,6 +90,16 @@ def _helper_threads(n: int | None) -> None:
     """
     if n is not None:
         torch.set_num_threads(n)
+
+
+class _Inline:
+    """An executor that runs each job at once on the submitting thread (``EngineConfig.inline_vocoder``)."""
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        fn(*args)
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
 
 
 class _Live:
@@ -172,7 +186,8 @@ class Engine:
         self._lock = threading.Lock()
         self._running = False
         helpers = {"initializer": _helper_threads, "initargs": (self.config.helper_threads,)}
-        self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="gpa-vocoder", **helpers)
+        self._vocoder: ThreadPoolExecutor | _Inline = _Inline() if self.config.inline_vocoder else (
+            ThreadPoolExecutor(1, thread_name_prefix="gpa-vocoder", **helpers))
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="gpa-prep", **helpers)
 
     # --- lifecycle ----------------------------------------------------------------------------------
