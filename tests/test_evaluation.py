@@ -228,7 +228,8 @@ def test_gpa_eval_on_the_tiny_checkpoint(judges, data, mini_dir, tmp_path, capsy
     res = report["test_sets"]["cathy"]
     assert report["settings"]["spec"]["limit"] == 2 and report["settings"]["judges"]["asr"]["asr_beam_size"] == 1
     ran = report["settings"]
-    assert (ran["quantize"], ran["vocoder_dtype"], ran["dtype"], ran["device"]) == ("none", "float32", "float32", "cpu")
+    assert (ran["quantize"], ran["vocoder_dtype"], ran["dtype"], ran["tokenizer_dtype"], ran["device"]) == (
+        "none", "float32", "float32", "float32", "cpu")
     assert res["inputs"] == 2 and all(res[t]["count"] == 2 and not res[t]["skipped"] for t in ("asr", "tts", "vc"))
     for task in ("asr", "tts", "vc"):
         model = res[task]["model"]  # random weights: garbage output, so only structure and finiteness

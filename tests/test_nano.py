@@ -428,6 +428,12 @@ def test_inference_json_sets_speed_defaults_and_is_checked(nano_dir, tmp_path):
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"dtype": "int4"}}))
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         gpa.load(ckpt, device="cpu")
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"tokenizer_dtype": "bfloat16"}}))
+    assert gpa.load(ckpt, device="cpu").tokenizer_dtype == torch.bfloat16
+    assert gpa.load(ckpt, device="cpu", tokenizer_dtype="float32").tokenizer_dtype == torch.float32
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"tokenizer_dtype": "int8"}}))
+    with pytest.raises(ValueError, match="unknown tokenizer_dtype 'int8'"):
+        gpa.load(ckpt, device="cpu")
 
 
 @pytest.mark.parametrize("levels", [(4, 4, 4, 4, 4), (3, 5, 8, 2)])
