@@ -212,6 +212,8 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--voices-dir", type=Path, default=None,
                    help="where saved voices live (default: $XDG_DATA_HOME/gpa/voices)")
     p.add_argument("--max-slots", type=int, default=8, help="sequences decoded together (KV-cache rows)")
+    p.add_argument("--inline-vocoder", action="store_true",
+                   help="decode audio on the decode loop's thread between steps (faster on 2-core CPUs)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
     p.add_argument("--max-seq-len", type=int, default=4096, help="prompt + output tokens per slot")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests handled at once before 429s")
@@ -470,7 +472,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_clip_seconds=args.max_clip_seconds, max_text_chars=args.max_text_chars,
         max_concurrent=args.max_concurrent, request_timeout_s=args.request_timeout,
         engine=EngineConfig(max_slots=args.max_slots, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
-                            backend=args.backend, vllm=vllm, vocoder_dtype=args.vocoder_dtype),
+                            backend=args.backend, vllm=vllm, vocoder_dtype=args.vocoder_dtype,
+                            inline_vocoder=args.inline_vocoder),
         **{k: v for k, v in optional.items() if v is not None})
     model = load(model_dir, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype,
                  tokenizer_dtype=args.tokenizer_dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -10,6 +11,8 @@ import sys
 import time
 
 import httpx
+import numpy as np
+import soundfile as sf
 
 
 def free_port() -> int:
@@ -22,7 +25,7 @@ def test_gpa_serve_runs_and_stops(mini_dir, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "gpa", "serve", "--model", str(mini_dir), "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--voices-dir", str(tmp_path / "voices"), "--api-key", "k", "--max-slots", "2",
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING", "--quantize", "int4", "--tokenizer-dtype", "bfloat16", "--inline-vocoder"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "GPA_MODEL": ""})
     url = f"http://127.0.0.1:{port}"
@@ -41,6 +44,13 @@ def test_gpa_serve_runs_and_stops(mini_dir, tmp_path):
         assert [m["id"] for m in models["data"]] == ["gpa-mini"]  # the checkpoint directory's name
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/health").json()["slots"] == 2
+        # the speed flags reach the model and the engine: a request runs through them
+        speech = (0.1 * np.sin(np.arange(16000) / 7.0)).astype(np.float32)
+        buf = io.BytesIO()
+        sf.write(buf, speech, 16000, format="WAV")
+        r = httpx.post(f"{url}/v1/audio/transcriptions", headers={"Authorization": "Bearer k"}, timeout=120,
+                       files={"file": ("a.wav", buf.getvalue())}, data={"max_new_tokens": "4", "seed": "0"})
+        assert r.status_code == 200 and isinstance(r.json()["text"], str), r.text
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
