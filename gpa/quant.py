@@ -13,6 +13,7 @@ int4), which the tests and ``gpa eval`` measure.
 from __future__ import annotations
 
 import logging
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,43 @@ INT4_ROW_BLOCK = 64  # the kernel packs rows in blocks of 64: a layer's (and a f
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class Int8Linear(nn.Module):
+class _PackedLinear(nn.Module):
+    """What the quantized linears share: bf16 inputs to a packed-weight kernel, outputs in the input's dtype,
+    and fusing that makes the parts' row-indexed tensors views of the fused layer's."""
+
+    in_features: int
+    out_features: int
+
+    def _product(self, flat: Tensor) -> Tensor:
+        """(N, in) bf16 -> (N, out)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        if flat.dtype != torch.bfloat16:
+            flat = flat.to(torch.bfloat16)
+        y = self._product(flat).view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    @classmethod
+    def _fused(cls, parts: list, tensors: dict[str, Tensor], shared: tuple[str, ...]) -> Self:
+        """A layer of ``cls`` holding ``tensors`` (the parts' concatenated); each part's ``shared`` tensors
+        become views of the fused one's rows."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for name, t in tensors.items():
+            fused.register_buffer(name, t)
+        fused.in_features, fused.out_features = parts[0].in_features, fused.weight.shape[0]
+        start = 0
+        for p in parts:
+            end = start + p.out_features
+            for name in shared:
+                setattr(p, name, getattr(fused, name)[start:end])
+            start = end
+        return fused
+
+
+class Int8Linear(_PackedLinear):
     """A bias-free Linear with int8 weights (out, in) and bf16 per-row scales."""
 
     def __init__(self, weight: Tensor) -> None:
@@ -43,31 +80,17 @@ class Int8Linear(nn.Module):
 
         The parts' weights and scales become views of the fused layer's, so no memory is added.
         """
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.register_buffer("weight", torch.cat([p.weight for p in parts]))
-        fused.register_buffer("scale", torch.cat([p.scale for p in parts]))
-        fused.in_features, fused.out_features = parts[0].in_features, fused.weight.shape[0]
-        start = 0
-        for p in parts:
-            end = start + p.out_features
-            p.weight, p.scale = fused.weight[start:end], fused.scale[start:end]
-            start = end
-        return fused
+        tensors = {"weight": torch.cat([p.weight for p in parts]), "scale": torch.cat([p.scale for p in parts])}
+        return cls._fused(parts, tensors, ("weight", "scale"))
 
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)  # (N, in)
-        if flat.dtype != torch.bfloat16:
-            flat = flat.to(torch.bfloat16)
+    def _product(self, flat: Tensor) -> Tensor:
         if flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)  # (N, out)
-        else:  # many rows (prefill): the bf16 kernel on dequantized weights is faster
-            y = F.linear(flat, self.weight.to(torch.bfloat16) * self.scale[:, None])
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+            return torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)  # (N, out)
+        # many rows (prefill): the bf16 kernel on dequantized weights is faster
+        return F.linear(flat, self.weight.to(torch.bfloat16) * self.scale[:, None])
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_PackedLinear):
     """A bias-free Linear with int4 weights in torch's CPU packing, a scale and offset per group of inputs.
 
     ``weight``: (out, in / 2) uint8, two 4-bit values per byte in the kernel's row-block layout;
@@ -104,25 +127,12 @@ class Int4Linear(nn.Module):
         The parts' weights become views of the fused layer's, so no memory is added (each keeps its own
         small scale/offset table: the kernel needs it contiguous, which a slice across rows is not).
         """
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.register_buffer("weight", torch.cat([p.weight for p in parts]))
-        fused.register_buffer("scale_zero", torch.cat([p.scale_zero for p in parts], dim=1))
-        fused.in_features, fused.out_features = parts[0].in_features, fused.weight.shape[0]
-        start = 0
-        for p in parts:
-            end = start + p.out_features
-            p.weight = fused.weight[start:end]
-            start = end
-        return fused
+        tensors = {"weight": torch.cat([p.weight for p in parts]),
+                   "scale_zero": torch.cat([p.scale_zero for p in parts], dim=1)}
+        return cls._fused(parts, tensors, ("weight",))
 
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)  # (N, in)
-        if flat.dtype != torch.bfloat16:
-            flat = flat.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scale_zero)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+    def _product(self, flat: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scale_zero)
 
 
 def quantize_weights(model: nn.Module, mode: str, names: tuple[str, ...] = LINEAR_NAMES) -> int:
