@@ -125,13 +125,13 @@ class GPA:
             if vocoder_dtype not in VOCODER_DTYPES:
                 raise ValueError(f"unknown vocoder_dtype {vocoder_dtype!r}; expected one of {tuple(VOCODER_DTYPES)}")
             vocoder_dtype = VOCODER_DTYPES[vocoder_dtype]
+        tokenizer_dtype = tokenizer_dtype or wanted.get("tokenizer_dtype", "float32")
+        if tokenizer_dtype not in VOCODER_DTYPES:  # the same two precisions as the decoder's
+            raise ValueError(f"unknown tokenizer_dtype {tokenizer_dtype!r}; expected one of {tuple(VOCODER_DTYPES)}")
         bicodec, glm = load_codecs(ckpt, device=device)
         if vocoder_dtype != torch.float32:
             bicodec.set_decode_dtype(vocoder_dtype)
         vocab = Vocab.from_dir(ckpt.root, glm_codebook_size=glm.codebook_size)
-        tokenizer_dtype = tokenizer_dtype or wanted.get("tokenizer_dtype", "float32")
-        if tokenizer_dtype not in VOCODER_DTYPES:
-            raise ValueError(f"unknown tokenizer_dtype {tokenizer_dtype!r}; expected one of {tuple(VOCODER_DTYPES)}")
         lm = load_lm(ckpt, device=device, dtype=dtype, quantize=quantize)
         if lm.config.vocab_size < vocab.size:
             raise ValueError(f"{ckpt.llm_config}: vocab_size {lm.config.vocab_size} < tokenizer size {vocab.size}")
