@@ -21,7 +21,7 @@ from gpa.checkpoint import Checkpoint, load_codecs, load_lm, resolve_model
 from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
 from gpa.config import ASR_FALLBACK, DEFAULT_SAMPLING, ASRFallback, SamplingParams, Task
-from gpa.generation import GenerationRequest, generate
+from gpa.generation import GenerationRequest, beam_search, generate
 from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.model import GPALM
 from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt
@@ -202,20 +202,34 @@ class GPA:
 
     # --- tasks --------------------------------------------------------------------------------------
 
-    def asr(self, audio: Audio, fallback: ASRFallback | None = ASR_FALLBACK, **options: Any) -> str:
+    def asr(self, audio: Audio, fallback: ASRFallback | None = ASR_FALLBACK, beam_size: int | None = None,
+            **options: Any) -> str:
         """Transcribe speech. ``options``: SamplingParams fields (default greedy).
 
         ``fallback``: a transcript that loops (compresses too well) is decoded again at higher
         temperatures, as whisper does (:class:`gpa.config.ASRFallback`); None keeps the first decode.
+        ``beam_size``: with temperature 0, keep this many hypotheses (beam search, as whisper's
+        ``beam_size``) instead of the greedy one; the fallback's retries sample as usual.
         """
-        return self.asr_batch([audio], fallback, **options)[0]
+        return self.asr_batch([audio], fallback, beam_size, **options)[0]
 
     def asr_batch(self, audios: Sequence[Audio], fallback: ASRFallback | None = ASR_FALLBACK,
-                  **options: Any) -> list[str]:
-        """Transcribe several inputs in one batch (``fallback`` as in :meth:`asr`, per input)."""
+                  beam_size: int | None = None, **options: Any) -> list[str]:
+        """Transcribe several inputs in one batch (``fallback`` and ``beam_size`` as in :meth:`asr`, per input;
+        a beam search runs input by input)."""
         params = self.sampling(Task.ASR, **options)
+        if beam_size is not None and beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1 or None, got {beam_size}")
         prompts = self.asr_prompts(audios)
-        texts = [self.vocab.decode_text(ids).strip() for ids in self._generate(Task.ASR, prompts, params)]
+        if beam_size is not None and beam_size > 1 and params.temperature == 0:
+            self._check_length(Task.ASR, prompts, params)
+            outputs = [beam_search(self.lm, self.generation_request(Task.ASR, p.prompt_ids, params), beam_size)
+                       for p in prompts]
+            stop = self._stops[Task.ASR]
+            outputs = [[t for t in out if t not in stop] for out in outputs]
+        else:
+            outputs = self._generate(Task.ASR, prompts, params)
+        texts = [self.vocab.decode_text(ids).strip() for ids in outputs]
         for retry in fallback.retries(params) if fallback is not None else []:
             redo = [i for i, t in enumerate(texts) if fallback.needs_retry(compression_ratio(t))]
             if not redo:
@@ -293,13 +307,16 @@ class GPA:
 
     # --- internals ------------------------------------------------------------------------------------
 
-    def _generate(self, task: Task, prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
+    def _check_length(self, task: Task, prompts: list[Prompt], params: SamplingParams) -> None:
         limit = self.lm.config.max_position_embeddings
         for p in prompts:
             if len(p.prompt_ids) + params.max_new_tokens > limit:
                 raise ValueError(
                     f"input too long: the {task.value} prompt has {len(p.prompt_ids)} tokens and max_new_tokens "
                     f"is {params.max_new_tokens}; together at most {limit} fit the model's context")
+
+    def _generate(self, task: Task, prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
+        self._check_length(task, prompts, params)
         stop = self._stops[task]
         reqs = [self.generation_request(task, p.prompt_ids, params) for p in prompts]
         return [[t for t in out if t not in stop] for out in generate(self.lm, reqs)]

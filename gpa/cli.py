@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--format", choices=["text", "json"], default="text",
                      help="text: one transcript per line; json: one JSON object per line")
     asr.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
+    asr.add_argument("--beam-size", type=int, default=None,
+                     help="beam search with this many hypotheses (temperature 0 only; default: greedy)")
     asr.add_argument("--compression-ratio-threshold", type=float, default=ASR_FALLBACK.compression_ratio_threshold,
                      help="decode a transcript again at higher temperatures when its zlib compression ratio is "
                           "above this (whisper's loop guard); 0 turns the guard off")
@@ -357,7 +359,7 @@ def cmd_asr(args: argparse.Namespace) -> int:
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
 
     def work(item: str) -> None:
-        text = model.asr(item, fallback=fallback, **options)
+        text = model.asr(item, fallback=fallback, beam_size=args.beam_size, **options)
         line = json.dumps({"file": item, "text": text}, ensure_ascii=False) if args.format == "json" else text
         print(line, file=out, flush=True)
 

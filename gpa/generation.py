@@ -114,6 +114,13 @@ class SlotDecoder:
     @torch.inference_mode()
     def prefill(self, request: GenerationRequest) -> SequenceState:
         """Put ``request`` in a free slot, run its prompt and sample its first token."""
+        state, logits = self.prefill_logits(request)
+        self._choose([state], logits)
+        return state
+
+    @torch.inference_mode()
+    def prefill_logits(self, request: GenerationRequest) -> tuple[SequenceState, Tensor]:
+        """Put ``request`` in a free slot and run its prompt -> (its state, (1, V) next-token logits)."""
         self.check_fits(request)
         if not self.free:
             raise RuntimeError("no free KV-cache slot")
@@ -121,13 +128,27 @@ class SlotDecoder:
         ids = torch.tensor([request.prompt], device=self.device)
         hidden = self.model(ids, cache=self.cache, cache_rows=slice(state.slot, state.slot + 1), last_only=True,
                             hidden_only=True)
-        self._choose([state], self._logits(hidden[:, -1], [state]))
-        return state
+        return state, self._logits(hidden[:, -1], [state])
 
     @torch.inference_mode()
     def step(self, states: Sequence[SequenceState]) -> None:
         """Feed each state's last token and sample its next one (all in one forward pass)."""
         states = sorted(states, key=lambda s: s.slot)
+        self._choose(states, self.step_logits(states))
+
+    @torch.inference_mode()
+    def copy_slots(self, sources: Sequence[int], targets: Sequence[int], length: int) -> None:
+        """Copy the first ``length`` cache positions of slots ``sources`` to ``targets`` (a slot may be both)."""
+        if not sources:
+            return
+        src = torch.tensor(sources, dtype=torch.long, device=self.device)
+        dst = torch.tensor(targets, dtype=torch.long, device=self.device)
+        for t in (self.cache.k, self.cache.v):
+            t[:, dst, :, :length] = t[:, src, :, :length]  # the right side is gathered first: aliasing is safe
+
+    @torch.inference_mode()
+    def step_logits(self, states: Sequence[SequenceState]) -> Tensor:
+        """Feed each state's last token -> (n, V) next-token logits, rows in ``states``' order (unconstrained)."""
         ids = torch.tensor([[s.output[-1]] for s in states], device=self.device)  # (n, 1)
         positions = torch.tensor([[s.length] for s in states], device=self.device)  # (n, 1)
         slots = [s.slot for s in states]
@@ -137,7 +158,7 @@ class SlotDecoder:
         hidden = self.model(ids, positions, cache=self.cache, cache_rows=rows, hidden_only=True)[:, -1]
         for s in states:
             s.length += 1
-        self._choose(states, self._logits(hidden, states))
+        return self._logits(hidden, states)
 
     def release(self, state: SequenceState) -> None:
         """Return the state's slot; its stale cache entries are masked out by position."""
@@ -219,3 +240,55 @@ def generate(model: GPALM, requests: Sequence[GenerationRequest], max_seq_len: i
     for event in iter_generate(model, requests, max_seq_len):
         out[event.row].append(event.token)
     return out
+
+
+@torch.inference_mode()
+def beam_search(model: GPALM, request: GenerationRequest, beam_size: int) -> list[int]:
+    """The most likely continuation found by a beam of ``beam_size`` sequences (whisper's decoder, without
+    a length penalty: a finished sequence scores its summed log-probability over its length).
+
+    Sampling options other than ``max_new_tokens`` do not apply (no temperature, penalty or RNG); the
+    request's filters and allowed ids do. ``beam_size`` 1 is greedy decoding. Returns the output ids,
+    stop token included when one ended it.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    limit = request.params.max_new_tokens
+    decoder = SlotDecoder(model, beam_size, len(request.prompt) + limit + 1)
+    root, logits = decoder.prefill_logits(request)
+    states = [root] + [SequenceState(request, decoder.free.pop(), decoder.device) for _ in range(beam_size - 1)]
+    decoder.copy_slots([root.slot] * (beam_size - 1), [s.slot for s in states[1:]], root.length)
+    beams: list[tuple[float, list[int]]] = [(0.0, [])]  # (summed log-probability, output) per live beam
+    finished: list[tuple[float, list[int]]] = []
+    while True:
+        candidates = []
+        for row, (score, out) in enumerate(beams):
+            root.output = out  # the filters look at the output length only
+            row_logits = logits[row : row + 1].clone()
+            root.constrain(row_logits)
+            logp = row_logits.log_softmax(-1)[0]
+            top = logp.topk(min(beam_size + 1, int(torch.isfinite(logp).sum())))
+            candidates += [(score + v, out + [t], row)
+                           for v, t in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        candidates.sort(key=lambda c: -c[0])
+        kept: list[tuple[float, list[int], int]] = []
+        for score, out, row in candidates:
+            if out[-1] in request.stop or len(out) >= limit:
+                finished.append((score, out))
+            else:
+                kept.append((score, out, row))
+            if len(kept) == beam_size:
+                break
+        if len(finished) >= beam_size or not kept:
+            break
+        parents = [row for _, _, row in kept]
+        slots = [s.slot for s in states[: len(kept)]]
+        decoder.copy_slots([states[p].slot for p in parents], slots, states[0].length)
+        for s, (_, out, _) in zip(states, kept, strict=False):
+            s.output = out
+            s.length = states[0].length
+        beams = [(score, out) for score, out, _ in kept]
+        logits = decoder.step_logits(states[: len(kept)])
+        for s in states[len(kept):]:
+            s.length = states[0].length
+    return max(finished, key=lambda f: f[0] / len(f[1]))[1]

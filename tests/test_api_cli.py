@@ -39,6 +39,56 @@ def test_asr_batch_equals_single(model, golden_inputs):
     assert model.asr_batch(files, None, **FAST) == [model.asr(f, None, **FAST) for f in files]
 
 
+def _reference_beam_search(model, request, beam_size: int) -> list[int]:
+    """Beam search the plain way: every hypothesis re-run from the prompt without a cache (the same rules
+    as gpa.generation.beam_search: top beam+1 per hypothesis, finished ones set aside, length-normalised pick)."""
+    beams, finished = [(0.0, [])], []
+    while True:
+        candidates = []
+        for score, out in beams:
+            with torch.inference_mode():
+                logits = model.lm(torch.tensor([request.prompt + out]))[0, -1:].float()
+            logits = logits.clone()  # a normal tensor, for the in-place masks
+            if request.allowed is not None:
+                logits[:, ~request.allowed[: logits.shape[1]]] = float("-inf")
+            for f in request.filters:
+                f.apply(logits, len(out))
+            logp = logits.log_softmax(-1)[0]
+            top = logp.topk(min(beam_size + 1, int(torch.isfinite(logp).sum())))
+            candidates += [(score + v, out + [t]) for v, t in zip(top.values.tolist(), top.indices.tolist(),
+                                                                   strict=True)]
+        candidates.sort(key=lambda c: -c[0])
+        kept = []
+        for score, out in candidates:
+            if out[-1] in request.stop or len(out) >= request.params.max_new_tokens:
+                finished.append((score, out))
+            else:
+                kept.append((score, out))
+            if len(kept) == beam_size:
+                break
+        if len(finished) >= beam_size or not kept:
+            return max(finished, key=lambda f: f[0] / len(f[1]))[1]
+        beams = kept
+
+
+@pytest.mark.parametrize("beam_size", [2, 3])
+def test_asr_beam_search_equals_an_uncached_beam_search(model, golden_inputs, beam_size):
+    """The cached beam search (KV rows copied from parent to child hypotheses) finds exactly what re-running
+    every hypothesis from scratch finds; beam 1 is greedy."""
+    from gpa.config import Task
+    from gpa.generation import beam_search, generate
+
+    for name in ("speech1_8k", "short_16k"):
+        prompt = model.asr_prompts([golden_inputs[name]])[0].prompt_ids
+        request = model.generation_request(Task.ASR, prompt, model.sampling(Task.ASR, max_new_tokens=12))
+        assert beam_search(model.lm, request, 1) == generate(model.lm, [request])[0]
+        assert beam_search(model.lm, request, beam_size) == _reference_beam_search(model, request, beam_size)
+    text = model.asr(golden_inputs["speech1_8k"], None, beam_size, max_new_tokens=12)
+    assert isinstance(text, str) and text == model.asr(golden_inputs["speech1_8k"], None, beam_size, max_new_tokens=12)
+    with pytest.raises(ValueError, match="beam_size must be >= 1"):
+        model.asr(golden_inputs["speech1_8k"], beam_size=0)
+
+
 def test_tts_output_is_320_samples_per_token_and_seeded(model, golden_inputs):
     ref = golden_inputs["speech0_22k"]
     wav, sr = model.tts("Hello there.", ref, seed=3, temperature=0.8, max_new_tokens=20)
@@ -92,6 +142,11 @@ def test_cli_asr_text_and_json(mini_dir, golden_inputs, capsys):
     assert main(["asr", *files, "--model", str(mini_dir), "--max-new-tokens", "8", "--format", "json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["file"] for r in rows] == files and [r["text"] for r in rows] == lines
+    # beam search and the loop guard's threshold from the command line give what the API gives
+    assert main(["asr", files[0], "--model", str(mini_dir), "--max-new-tokens", "8", "--beam-size", "3",
+                 "--compression-ratio-threshold", "0", "--no-progress"]) == 0
+    model = gpa.load(mini_dir, device="cpu")
+    assert capsys.readouterr().out.strip() == model.asr(files[0], None, 3, max_new_tokens=8)
 
 
 def test_cli_tts_and_vc_write_audio(mini_dir, golden_inputs, tmp_path):

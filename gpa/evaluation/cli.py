@@ -39,6 +39,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks: asr, tts, vc")
     p.add_argument("--limit", type=int, default=None, help="inputs per test set (a seeded subset; default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset, the pairing and the model's sampling")
+    p.add_argument("--beam-size", type=int, default=None, help="the model's ASR beam width (default: greedy)")
     p.add_argument("--tts-reference", default="same-speaker", choices=REFERENCE_MODES,
                    help="TTS voice: another recording of the text's speaker, or of another speaker")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
@@ -68,7 +69,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
 def _spec(args: argparse.Namespace) -> EvalSpec:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     return EvalSpec(tasks=tasks, limit=args.limit, seed=args.seed, tts_reference=args.tts_reference,
-                    warmup=not args.no_warmup)
+                    warmup=not args.no_warmup, asr_beam_size=args.beam_size)
 
 
 def _test_sets(paths: Sequence[Path]) -> list[TestSet]:

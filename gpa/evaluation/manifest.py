@@ -108,6 +108,7 @@ class EvalSpec:
     seed: int = 0  # drives the subset, the pairing and the model's sampling seeds
     tts_reference: str = "same-speaker"  # TTS voice: another recording of the text's speaker, or another speaker
     warmup: bool = True  # one untimed model call per task before timing (first-call overheads)
+    asr_beam_size: int | None = None  # ASR beam search width (None: greedy)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -115,6 +116,8 @@ class EvalSpec:
             raise ValueError(f"unknown or no task(s) {bad}; expected some of {list(TASKS)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        if self.asr_beam_size is not None and self.asr_beam_size < 1:
+            raise ValueError(f"asr_beam_size must be >= 1 or None, got {self.asr_beam_size}")
         if self.tts_reference not in REFERENCE_MODES:
             raise ValueError(f"tts_reference {self.tts_reference!r}; expected one of {list(REFERENCE_MODES)}")
 

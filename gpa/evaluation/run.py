@@ -134,6 +134,7 @@ class TaskRun:
     seed: int
     save_dir: Path | None
     progress: bool
+    asr_beam_size: int | None = None
 
     def bar(self, items: Sequence[Any], what: str) -> Any:
         """A progress bar over ``items`` (stderr)."""
@@ -157,8 +158,9 @@ def run_asr(run: TaskRun, inputs: Sequence[Item], warmup: bool) -> dict[str, Any
     made: list[tuple[str, float, dict[str, str]]] = []
     if run.model is not None:
         if warmup and inputs:
-            _warm_up(lambda: run.model.asr(str(inputs[0].audio), **run.options))
-        made = [_timed(lambda: run.model.asr(str(item.audio), **run.options), rows[MODEL], item.id, "")  # noqa: B023
+            _warm_up(lambda: run.model.asr(str(inputs[0].audio), beam_size=run.asr_beam_size, **run.options))
+        made = [_timed(lambda: run.model.asr(str(item.audio), beam_size=run.asr_beam_size, **run.options),  # noqa: B023
+                       rows[MODEL], item.id, "")
                 for item in run.bar(inputs, "asr")]
     for k, item in enumerate(inputs):
         record: dict[str, Any] = {"id": item.id, "text": item.text}
@@ -291,7 +293,7 @@ def evaluate_test_set(model: Any, test_set: TestSet, spec: EvalSpec, scorer: Sco
     pool = (references or test_set).items
     own = test_set.items + tuple(i for i in pool if i.audio not in {t.audio for t in test_set.items})
     run = TaskRun(model, scorer, dict(options or {}), spec.seed,
-                  save_dir / test_set.name if save_dir else None, progress)
+                  save_dir / test_set.name if save_dir else None, progress, spec.asr_beam_size)
     out: dict[str, Any] = {"manifest": str(test_set.path), "recordings": len(test_set.items), "inputs": len(inputs),
                            "speakers": len(test_set.speakers),
                            "references": str(references.path) if references else None}
