@@ -137,14 +137,16 @@ class SlotDecoder:
         self._choose(states, self.step_logits(states))
 
     @torch.inference_mode()
-    def copy_slots(self, sources: Sequence[int], targets: Sequence[int], length: int) -> None:
-        """Copy the first ``length`` cache positions of slots ``sources`` to ``targets`` (a slot may be both)."""
-        if not sources:
+    def copy_slots(self, sources: Sequence[int], targets: Sequence[int], length: int, start: int = 0) -> None:
+        """Copy cache positions [start, length) of slots ``sources`` to ``targets`` (a slot may be both; a
+        slot copied onto itself is skipped)."""
+        pairs = [(a, b) for a, b in zip(sources, targets, strict=True) if a != b]
+        if not pairs or length <= start:
             return
-        src = torch.tensor(sources, dtype=torch.long, device=self.device)
-        dst = torch.tensor(targets, dtype=torch.long, device=self.device)
+        src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=self.device)
+        dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=self.device)
         for t in (self.cache.k, self.cache.v):
-            t[:, dst, :, :length] = t[:, src, :, :length]  # the right side is gathered first: aliasing is safe
+            t[:, dst, :, start:length] = t[:, src, :, start:length]  # the right side is gathered first
 
     @torch.inference_mode()
     def step_logits(self, states: Sequence[SequenceState]) -> Tensor:
@@ -283,7 +285,8 @@ def beam_search(model: GPALM, request: GenerationRequest, beam_size: int) -> lis
             break
         parents = [row for _, _, row in kept]
         slots = [s.slot for s in states[: len(kept)]]
-        decoder.copy_slots([states[p].slot for p in parents], slots, states[0].length)
+        # the prompt's positions are the same in every slot: only the generated ones differ
+        decoder.copy_slots([states[p].slot for p in parents], slots, states[0].length, len(request.prompt))
         for s, (_, out, _) in zip(states, kept, strict=False):
             s.output = out
             s.length = states[0].length
