@@ -176,8 +176,8 @@ def test_cli_errors(mini_dir, golden_inputs, tmp_path, capsys, monkeypatch):
                  "--model", str(mini_dir)]) == 1
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["asr", "x.wav", "--beam-size", "3"])
-    assert "unrecognized arguments: --beam-size" in capsys.readouterr().err
+        main(["asr", "x.wav", "--best-of", "3"])
+    assert "unrecognized arguments: --best-of" in capsys.readouterr().err
 
 
 def test_reference_voices_are_cached_by_content(model, golden_inputs, tmp_path):

@@ -100,6 +100,15 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return APIError(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None)).response()
 
+    async def _known(_: Request, e: Exception) -> JSONResponse:
+        return to_api_error(e).response()
+
+    # The library's expected failures get their own handlers: Starlette answers an ``Exception`` handler's
+    # error and then re-raises it, so uvicorn logs a crash and drops the keep-alive connection, whose next
+    # request (a client's pooled connection) is then reset.
+    for kind in (EngineError, AudioError, TimeoutError, ValueError, TypeError):
+        app.add_exception_handler(kind, _known)
+
     @app.exception_handler(Exception)
-    async def _other(_: Request, e: Exception) -> JSONResponse:
+    async def _other(_: Request, e: Exception) -> JSONResponse:  # unexpected: a logged 500
         return to_api_error(e).response()
