@@ -41,6 +41,7 @@ class BenchConfig:
     dtype: str | None = None  # LLM dtype: float32, bfloat16, or None (the loader's: bf16 with int8, else float32)
     lookahead: int | None = None  # codes awaited after a chunk; None: exact, below the decoder's lookahead: approximate
     first_chunk: int = 5  # frames in the first audio chunk
+    chunk: int = 10  # the largest chunk (chunks double from first_chunk up to it)
     vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (float32 as loaded) or "bfloat16"
     inline_vocoder: bool = False  # EngineConfig.inline_vocoder: audio decoded on the decode loop's thread
     tokenizer_dtype: str | None = None  # audio tokenizers: None (the checkpoint's choice, float32) or "bfloat16"
@@ -171,7 +172,7 @@ def _vllm_options(cfg: BenchConfig, model: GPA) -> VLLMOptions | None:
 
 def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
     """The rounds, with the decode loop on this (main) thread and the clients on an asyncio thread."""
-    stream = StreamConfig(first_chunk=cfg.first_chunk, lookahead=cfg.lookahead)
+    stream = StreamConfig(first_chunk=cfg.first_chunk, chunk=cfg.chunk, lookahead=cfg.lookahead)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
     engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
                                         vocoder_dtype=cfg.vocoder_dtype, inline_vocoder=cfg.inline_vocoder,

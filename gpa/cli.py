@@ -126,6 +126,7 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                    help="codes awaited after an audio chunk (default: exact, the decoder's full lookahead; "
                         "fewer: lower latency, approximate chunk tails)")
     p.add_argument("--first-chunk", type=int, default=5, help="frames (20 ms) in the first audio chunk")
+    p.add_argument("--chunk", type=int, default=10, help="frames in the largest audio chunk (chunks double up to it)")
     p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
                    help="BiCodec decoding precision (default: as loaded, float32)")
     p.add_argument("--tokenizer-dtype", default=None, choices=["float32", "bfloat16"],
@@ -156,7 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _check_vllm(args)
     cfg = BenchConfig(model, concurrency=concurrency, tts_tokens=args.tts_tokens,
                       asr_seconds=args.asr_seconds, quantize=args.quantize, dtype=args.dtype,
-                      lookahead=args.lookahead, first_chunk=args.first_chunk, vocoder_dtype=args.vocoder_dtype,
+                      lookahead=args.lookahead, first_chunk=args.first_chunk, chunk=args.chunk,
+                      vocoder_dtype=args.vocoder_dtype,
                       inline_vocoder=args.inline_vocoder, tokenizer_dtype=args.tokenizer_dtype,
                       baseline_tokens=args.baseline_tokens, threads=args.threads,
                       backend=args.backend, vllm=vllm)

@@ -15,3 +15,19 @@ def test_bench_report_has_tracked_figures(mini_dir):
     assert report["tts"][1]["concurrency"] == 8
     baseline = report["transformers_baseline"]
     assert "rtf" in baseline or "skipped" in baseline
+
+
+def test_bench_cli_passes_the_speed_settings(mini_dir, capsys):
+    """`gpa bench` with every speed flag: they reach the run (its config echoes them) and it completes."""
+    import json
+
+    from gpa.cli import main
+
+    assert main(["bench", "--model", str(mini_dir), "--concurrency", "1,2", "--tts-tokens", "12", "--asr-seconds",
+                 "1", "--baseline-tokens", "0", "--quantize", "int4", "--tokenizer-dtype", "bfloat16",
+                 "--inline-vocoder", "--lookahead", "2", "--chunk", "4", "--first-chunk", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    config = report["config"]
+    assert (config["quantize"], config["tokenizer_dtype"], config["inline_vocoder"]) == ("int4", "bfloat16", True)
+    assert (config["lookahead"], config["chunk"], config["first_chunk"]) == (2, 4, 2)
+    assert report["tts_rtf_c1"] > 0 and report["asr_rtf"] > 0
