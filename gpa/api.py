@@ -221,15 +221,8 @@ class GPA:
         if beam_size is not None and beam_size < 1:
             raise ValueError(f"beam_size must be >= 1 or None, got {beam_size}")
         prompts = self.asr_prompts(audios)
-        if beam_size is not None and beam_size > 1 and params.temperature == 0:
-            self._check_length(Task.ASR, prompts, params)
-            outputs = [beam_search(self.lm, self.generation_request(Task.ASR, p.prompt_ids, params), beam_size)
-                       for p in prompts]
-            stop = self._stops[Task.ASR]
-            outputs = [[t for t in out if t not in stop] for out in outputs]
-        else:
-            outputs = self._generate(Task.ASR, prompts, params)
-        texts = [self.vocab.decode_text(ids).strip() for ids in outputs]
+        beam = beam_size if beam_size is not None and beam_size > 1 and params.temperature == 0 else None
+        texts = [self.vocab.decode_text(ids).strip() for ids in self._generate(Task.ASR, prompts, params, beam)]
         for retry in fallback.retries(params) if fallback is not None else []:
             redo = [i for i, t in enumerate(texts) if fallback.needs_retry(compression_ratio(t))]
             if not redo:
@@ -307,19 +300,19 @@ class GPA:
 
     # --- internals ------------------------------------------------------------------------------------
 
-    def _check_length(self, task: Task, prompts: list[Prompt], params: SamplingParams) -> None:
+    def _generate(self, task: Task, prompts: list[Prompt], params: SamplingParams, beam_size: int | None = None
+                  ) -> list[list[int]]:
+        """Output ids per prompt, stop tokens removed: one batch, or with ``beam_size`` a beam search per prompt."""
         limit = self.lm.config.max_position_embeddings
         for p in prompts:
             if len(p.prompt_ids) + params.max_new_tokens > limit:
                 raise ValueError(
                     f"input too long: the {task.value} prompt has {len(p.prompt_ids)} tokens and max_new_tokens "
                     f"is {params.max_new_tokens}; together at most {limit} fit the model's context")
-
-    def _generate(self, task: Task, prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
-        self._check_length(task, prompts, params)
         stop = self._stops[task]
         reqs = [self.generation_request(task, p.prompt_ids, params) for p in prompts]
-        return [[t for t in out if t not in stop] for out in generate(self.lm, reqs)]
+        outputs = generate(self.lm, reqs) if beam_size is None else [beam_search(self.lm, r, beam_size) for r in reqs]
+        return [[t for t in out if t not in stop] for out in outputs]
 
     def generation_request(self, task: Task, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
         """A prompt with its task's output constraints and stop tokens (shared by the API and the engine)."""

@@ -289,9 +289,8 @@ def beam_search(model: GPALM, request: GenerationRequest, beam_size: int) -> lis
         decoder.copy_slots([states[p].slot for p in parents], slots, states[0].length, len(request.prompt))
         for s, (_, out, _) in zip(states, kept, strict=False):
             s.output = out
-            s.length = states[0].length
         beams = [(score, out) for score, out, _ in kept]
         logits = decoder.step_logits(states[: len(kept)])
-        for s in states[len(kept):]:
+        for s in states[len(kept):]:  # every hypothesis sits at the same position
             s.length = states[0].length
     return max(finished, key=lambda f: f[0] / len(f[1]))[1]
