@@ -45,6 +45,7 @@ class BenchConfig:
     vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (float32 as loaded) or "bfloat16"
     inline_vocoder: bool = False  # EngineConfig.inline_vocoder: audio decoded on the decode loop's thread
     tokenizer_dtype: str | None = None  # audio tokenizers: None (the checkpoint's choice, float32) or "bfloat16"
+    native_decode: bool = False  # decode steps through gpa's C++ kernels (gpa.native)
     baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     backend: str = "torch"  # what generates the tokens: "torch" (gpa's decode loop) or "vllm"
@@ -202,7 +203,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     dtype = None if cfg.dtype is None else LLM_DTYPES[cfg.dtype]
     model = GPA.from_dir(cfg.model, device="cpu", dtype=dtype, quantize=cfg.quantize,
-                         tokenizer_dtype=cfg.tokenizer_dtype)
+                         tokenizer_dtype=cfg.tokenizer_dtype, native_decode=cfg.native_decode)
     voice = _voice(model)
     tts, asr = _run_engine(model, cfg, voice)
     by_c = {r["concurrency"]: r for r in tts}

@@ -40,6 +40,9 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-dtype", default=None, choices=["float32", "bfloat16"],
                    help=f"precision of the audio tokenizers ({SPEED_DEFAULT}float32; bfloat16 ~2x faster on CPU, "
                         "a few codes differ)")
+    p.add_argument("--native-decode", default=None, action=argparse.BooleanOptionalAction,
+                   help=f"decode steps through gpa's C++ CPU kernels, compiled once (~30 s; needs a C++ compiler "
+                        f"and ninja) ({SPEED_DEFAULT}off)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -133,6 +136,8 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                    help="audio tokenizers' precision (default: the checkpoint's inference.json, else float32)")
     p.add_argument("--inline-vocoder", action="store_true",
                    help="decode audio on the decode loop's thread between steps (fewer busy threads than cores)")
+    p.add_argument("--native-decode", action="store_true",
+                   help="decode steps through gpa's C++ CPU kernels (compiled once, ~30 s)")
     p.add_argument("--baseline-tokens", type=int, default=100,
                    help="tokens for the transformers generate baseline (0 skips it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -160,7 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       lookahead=args.lookahead, first_chunk=args.first_chunk, chunk=args.chunk,
                       vocoder_dtype=args.vocoder_dtype,
                       inline_vocoder=args.inline_vocoder, tokenizer_dtype=args.tokenizer_dtype,
-                      baseline_tokens=args.baseline_tokens, threads=args.threads,
+                      native_decode=args.native_decode, baseline_tokens=args.baseline_tokens, threads=args.threads,
                       backend=args.backend, vllm=vllm)
     print(json.dumps(run(cfg), indent=1))
     return 0
@@ -349,7 +354,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     from gpa.api import load
 
     return load(model, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype,
-                tokenizer_dtype=args.tokenizer_dtype)
+                tokenizer_dtype=args.tokenizer_dtype, native_decode=args.native_decode)
 
 
 def cmd_asr(args: argparse.Namespace) -> int:
@@ -480,7 +485,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             inline_vocoder=args.inline_vocoder),
         **{k: v for k, v in optional.items() if v is not None})
     model = load(model_dir, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype,
-                 tokenizer_dtype=args.tokenizer_dtype)
+                 tokenizer_dtype=args.tokenizer_dtype, native_decode=args.native_decode)
     serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

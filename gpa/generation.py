@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gpa import native
 from gpa.config import SamplingParams
 from gpa.kv_cache import KVCache
 from gpa.logits import LogitFilter
@@ -97,8 +98,16 @@ class SlotDecoder:
         self._full_head: torch.nn.Module | None = None
         self.device = model.head_weight().device
         self.max_seq_len = max_seq_len
+        # gpa's C++ decode kernels (model.native_decode, CPU): they read a bfloat16 cache wherever the linear
+        # layers already run in bfloat16 (int8/int4 weights, a bf16 model), halving the cache's bytes per step.
+        self.ops = None
+        if getattr(model, "native_decode", False) and self.device.type == "cpu" and model.supports_native_decode():
+            self.ops = native.load()
+        kv_dtype = model.head_weight().dtype
+        if self.ops is not None and model.linear_input_dtype() == torch.bfloat16:
+            kv_dtype = torch.bfloat16
         self.cache = KVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
-                             dtype=model.head_weight().dtype, device=self.device)
+                             dtype=kv_dtype, device=self.device)
         self.free = list(range(slots))[::-1]  # pop() hands out slot 0 first
 
     def check_fits(self, request: GenerationRequest) -> None:
@@ -154,10 +163,14 @@ class SlotDecoder:
         ids = torch.tensor([[s.output[-1]] for s in states], device=self.device)  # (n, 1)
         positions = torch.tensor([[s.length] for s in states], device=self.device)  # (n, 1)
         slots = [s.slot for s in states]
-        # Consecutive slots are a view of the cache; any other set is gathered (a copy per layer).
-        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        rows = slice(slots[0], slots[0] + len(slots)) if consecutive else torch.tensor(slots, device=self.device)
-        hidden = self.model(ids, positions, cache=self.cache, cache_rows=rows, hidden_only=True)[:, -1]
+        if self.ops is not None:  # the kernels index the cache by slot: no gather, whatever the slots
+            hidden = self.model.decode_native(self.ops, ids[:, 0], positions[:, 0],
+                                              torch.tensor(slots, device=self.device), self.cache)
+        else:
+            # Consecutive slots are a view of the cache; any other set is gathered (a copy per layer).
+            consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+            rows = slice(slots[0], slots[0] + len(slots)) if consecutive else torch.tensor(slots, device=self.device)
+            hidden = self.model(ids, positions, cache=self.cache, cache_rows=rows, hidden_only=True)[:, -1]
         for s in states:
             s.length += 1
         return self._logits(hidden, states)

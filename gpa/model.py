@@ -13,6 +13,7 @@ single-token step attends with two batched matmuls over the cache without copyin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +66,20 @@ class RopeTable:
 
     def lookup(self, positions: Tensor, max_position: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(B, T) positions (all <= ``max_position``) -> cos, sin each (B, T, 1, D) in ``dtype``."""
-        key = (dtype, positions.device)
+        cos, sin = self.table(max_position, dtype, positions.device)
+        return cos[positions], sin[positions]
+
+    def table(self, max_position: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The whole cos and sign-folded sin tables, each (L, 1, D) with L > ``max_position``."""
+        key = (dtype, device)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] <= max_position:
             length = 1 << max(max_position, 255).bit_length()
-            cos, sin = rope_tables(torch.arange(length, device=positions.device)[None], self.head_dim, self.theta)
+            cos, sin = rope_tables(torch.arange(length, device=device)[None], self.head_dim, self.theta)
             half = self.head_dim // 2
             sin[..., :half] = -sin[..., :half]
             table = self._tables[key] = (cos[0, :, None].to(dtype), sin[0, :, None].to(dtype))  # (L, 1, D)
-        return table[0][positions], table[1][positions]
+        return table
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -203,6 +209,8 @@ class Attention(nn.Module):
         k, v = cache.kv.write_read(cache.layer, cache.positions, k, v, cache.rows, cache.kv_len, cache.row_index)
         if T == 1 and isinstance(mask, Tensor) and mask.is_floating_point():
             return self.o_proj(attend_one(q.reshape(B, H, D), k, v, mask).view(B, 1, H * D))
+        if k.dtype != q.dtype:  # a bfloat16 cache under float32 activations (native decoding's cache)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         y = attend(q.transpose(1, 2), k, v, mask).transpose(1, 2)
         return self.o_proj(y.reshape(B, T, H * D))
 
@@ -258,6 +266,7 @@ class GPALM(nn.Module):
         super().__init__()
         self.config = cfg
         self.weight_quant = "none"  # "int8" or "int4" after gpa.quant.quantize_weights (set by the loader)
+        self.native_decode = False  # decode steps through gpa's C++ kernels (gpa.native; set by the loader)
         self.model = Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
@@ -340,6 +349,48 @@ class GPALM(nn.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         return x if hidden_only else F.linear(x, self.head_weight()).float()
+
+    def supports_native_decode(self) -> bool:
+        """Whether :meth:`decode_native` can run: fused, bias-free projections (after :meth:`fuse`)."""
+        return self.is_fused and all(layer.self_attn.fused is not None for layer in self.model.layers)
+
+    def linear_input_dtype(self) -> torch.dtype:
+        """The dtype the linear layers take: bfloat16 for int8/int4 weights, else the weights' own."""
+        return torch.bfloat16 if self.weight_quant != "none" else self.model.norm.weight.dtype
+
+    def decode_native(self, ops: ModuleType, ids: Tensor, positions: Tensor, slots: Tensor, cache: KVCache
+                      ) -> Tensor:
+        """One token per row through gpa's C++ kernels (``ops``: :func:`gpa.native.load`'s module).
+
+        The same computation as :meth:`forward` on one token per row with ``cache``, with the residual
+        stream in float32 and the linear layers fed in :meth:`linear_input_dtype`; the cache may be
+        float32 or bfloat16. Needs :meth:`supports_native_decode`.
+
+        Args:
+            ids, positions, slots: (B,) int64: each row's token, its position, and its cache slot.
+
+        Returns:
+            (B, C) final-norm hidden states (float32, or bfloat16 with quantized weights).
+        """
+        layers, eps = self.model.layers, self.config.rms_norm_eps
+        act = self.linear_input_dtype()
+        cos, sin = self.rope.table(int(positions.max()), torch.float32, ids.device)
+        cos, sin = cos[:, 0], sin[:, 0]  # (L, D)
+        x = self.model.embed_tokens(ids).float()  # (B, C): the residual stream
+        h = ops.add_rms_norm(x, None, self._f32(layers[0].input_layernorm.weight), eps, act)
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            heads = ops.attend_decode(attn.fused.proj(h), self._f32(attn.fused.norm), eps, cos, sin, positions,
+                                      slots, cache.k[i], cache.v[i], attn.n_heads, attn.n_kv)  # (B, H * D)
+            h = ops.add_rms_norm(x, attn.o_proj(heads), self._f32(layer.post_attention_layernorm.weight), eps, act)
+            down = layer.mlp.down_proj(ops.silu_mul(layer.mlp.fused.proj(h)))
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = ops.add_rms_norm(x, down, self._f32(norm.weight), eps, act)
+        return h
+
+    @staticmethod
+    def _f32(t: Tensor) -> Tensor:
+        return t if t.dtype == torch.float32 else t.float()
 
     def _mask(self, positions: Tensor, cache: KVCache | None, padding_mask: Tensor | None, max_pos: int
               ) -> Tensor | bool:

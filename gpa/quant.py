@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 INT8_KERNEL_MAX_ROWS = 24  # measured here (0.3B, whole forward): the int8 kernel wins up to ~24-32 rows (16: 90
 # vs 138 ms), the bf16 kernel on dequantized weights beyond (64: 189 vs 268 ms); decode at c=9..24 takes the kernel
+INT4_KERNEL_MAX_ROWS = 256  # measured here (0.3B, all 28 layers): unpacking every weight to bf16 costs ~0.4-0.5 s,
+# the int4 kernel 2.7 ms per row; at 256 rows they tie (714 vs 741 ms), at ASR's ~630-row prefill the bf16 GEMM wins
 INT4_GROUP = 64  # inputs per scale/offset: 32 was 1.7x slower here, 128 and 256 less accurate (9.9 %, 10.9 %)
 INT4_ROW_BLOCK = 64  # the kernel packs rows in blocks of 64: a layer's (and a fused part's) rows are a multiple
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -132,7 +134,18 @@ class Int4Linear(_PackedLinear):
                    "scale_zero": torch.cat([p.scale_zero for p in parts], dim=1)}
         return cls._fused(parts, tensors, ("weight",))
 
+    def dequantized(self) -> Tensor:
+        """The (out, in) weights as bfloat16: ``(q - 8) * scale + zero`` per group, unpacked from the kernel's layout
+        (per block of 64 rows, input k's 32 bytes hold rows j (low nibble) and j + 32 (high), j < 32)."""
+        n, k = self.out_features, self.in_features
+        packed = self.weight.view(n // INT4_ROW_BLOCK, k, INT4_ROW_BLOCK // 2)
+        q = torch.cat([packed & 0xF, packed >> 4], dim=2).transpose(1, 2).reshape(n, k // INT4_GROUP, INT4_GROUP)
+        scale, zero = self.scale_zero.permute(2, 1, 0).contiguous()  # each (out, in / INT4_GROUP)
+        return torch.addcmul(zero[..., None], q.to(torch.bfloat16) - 8, scale[..., None]).reshape(n, k)
+
     def _product(self, flat: Tensor) -> Tensor:
+        if flat.shape[0] > INT4_KERNEL_MAX_ROWS:  # prefill: the bf16 GEMM on weights unpacked now is faster
+            return F.linear(flat, self.dequantized())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scale_zero)
 
 

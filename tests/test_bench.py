@@ -25,9 +25,10 @@ def test_bench_cli_passes_the_speed_settings(mini_dir, capsys):
 
     assert main(["bench", "--model", str(mini_dir), "--concurrency", "1,2", "--tts-tokens", "12", "--asr-seconds",
                  "1", "--baseline-tokens", "0", "--quantize", "int4", "--tokenizer-dtype", "bfloat16",
-                 "--inline-vocoder", "--lookahead", "2", "--chunk", "4", "--first-chunk", "2"]) == 0
+                 "--inline-vocoder", "--native-decode", "--lookahead", "2", "--chunk", "4", "--first-chunk", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     config = report["config"]
     assert (config["quantize"], config["tokenizer_dtype"], config["inline_vocoder"]) == ("int4", "bfloat16", True)
+    assert config["native_decode"] is True
     assert (config["lookahead"], config["chunk"], config["first_chunk"]) == (2, 4, 2)
     assert report["tts_rtf_c1"] > 0 and report["asr_rtf"] > 0

@@ -79,6 +79,28 @@ def test_int4_fused_layer_is_exact():
     assert parts[1].weight.data_ptr() == fused.weight.data_ptr() + 192 * 64  # views: no extra memory
 
 
+def test_int4_unpacked_weights_and_prefill_path():
+    """Unpacking the kernel's layout gives the quantized weights ((q - 8) * scale + zero per group, recomputed here
+    from the float weights in float32); a product over more rows than INT4_KERNEL_MAX_ROWS goes through them
+    and agrees with the kernel's product (up to bf16 rounding), fused layers included."""
+    from gpa.quant import INT4_GROUP, INT4_KERNEL_MAX_ROWS
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 256, generator=g)
+    groups = w.view(192, -1, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    expected = (torch.round((groups - low) / scale) * scale + low).view_as(w)
+    layer = Int4Linear(w)
+    assert rel_err(layer.dequantized().float(), expected) < 4e-3
+    parts = [Int4Linear(torch.randn(n, 128, generator=g)) for n in (128, 64)]
+    fused = Int4Linear.fuse(parts)
+    assert torch.equal(fused.dequantized(), torch.cat([p.dequantized() for p in parts]))
+    x = torch.randn(INT4_KERNEL_MAX_ROWS + 1, 128, generator=g).bfloat16()
+    kernel = torch.cat([fused(x[i : i + 64]) for i in range(0, len(x), 64)])  # <= the limit: the int4 kernel
+    assert rel_err(fused(x), kernel) < 1e-2
+
+
 def test_moving_the_model_drops_fusion(mini_dir):
     lm = _load(mini_dir).fuse()
     seq = _ids(12, lm.config.vocab_size, 1)

@@ -25,7 +25,8 @@ def test_gpa_serve_runs_and_stops(mini_dir, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "gpa", "serve", "--model", str(mini_dir), "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--voices-dir", str(tmp_path / "voices"), "--api-key", "k", "--max-slots", "2",
-           "--log-level", "WARNING", "--quantize", "int4", "--tokenizer-dtype", "bfloat16", "--inline-vocoder"]
+           "--log-level", "WARNING", "--quantize", "int4", "--tokenizer-dtype", "bfloat16", "--inline-vocoder",
+           "--native-decode"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "GPA_MODEL": ""})
     url = f"http://127.0.0.1:{port}"

@@ -52,6 +52,9 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
                    help="precision of the codec's decoder (default: the checkpoint's inference.json, else float32)")
     p.add_argument("--tokenizer-dtype", default=None, choices=["float32", "bfloat16"],
                    help="precision of the audio tokenizers (default: the checkpoint's inference.json, else float32)")
+    p.add_argument("--native-decode", default=None, action=argparse.BooleanOptionalAction,
+                   help="decode steps through gpa's C++ CPU kernels (default: the checkpoint's inference.json, "
+                        "else off)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: task's)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: task's)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: task's)")
@@ -124,12 +127,13 @@ def _run(args: argparse.Namespace) -> int:
         from gpa.api import load
 
         model = load(args.model, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype,
-                     tokenizer_dtype=args.tokenizer_dtype)
+                     tokenizer_dtype=args.tokenizer_dtype, native_decode=args.native_decode)
     settings = {"model": str(Path(args.model).resolve()) if args.model else None,
                 "quantize": model.lm.weight_quant if model is not None else None,
                 "vocoder_dtype": str(model.bicodec.decode_dtype).removeprefix("torch.") if model is not None else None,
                 "dtype": str(model.lm.head_weight().dtype).removeprefix("torch.") if model is not None else None,
                 "tokenizer_dtype": str(model.tokenizer_dtype).removeprefix("torch.") if model is not None else None,
+                "native_decode": model.lm.native_decode if model is not None else None,
                 "device": str(model.device) if model is not None else None}
     report = evaluate(model, test_sets, spec, judges, references, _options(args), args.save_audio,
                       progress=not args.no_progress, settings=settings)

@@ -1,0 +1,289 @@
+// One-token decode steps of GPA's LLM on the CPU, fused: what torch would run as ~40 small ops per layer.
+//
+// At one to a few rows per step, a decoder layer's time on a CPU is mostly per-op overhead and the read
+// of the KV cache, not arithmetic. These kernels do a layer's non-matmul work in three calls:
+//   attend_decode: QK-norm + rotary embedding of the new q/k heads, the K/V write into the cache at each
+//     row's own slot and position, and grouped-query attention over positions [0, pos] (so stale entries
+//     beyond a row's position, left by an earlier request in the slot, are never read);
+//   add_rms_norm: the residual add and the next RMSNorm in one pass;
+//   silu_mul: SwiGLU's activation over the fused gate/up output.
+// Math is float32 inside; activations and the cache may be float32 or bfloat16.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::BFloat16 v) {  // a shift and a bit cast, which the compiler vectorizes
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum), in plain arithmetic so loops over it vectorize
+// (libm's expf is a call per element): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
+// (error below 1e-8 relative), 2^n put into the exponent bits. Flushes to 0 below e^-87.
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 split in two parts
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+constexpr int64_t kBlock = 64;  // value columns summed at once (four 16-lane registers)
+constexpr int64_t kLanes = 16;  // independent partial sums: lets the compiler keep the loop in vector registers
+
+template <typename K>
+inline float dot(const float* q, const K* k, int64_t n) {
+  float part[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) part[j] += q[i + j] * to_f(k[i + j]);
+  for (; i < n; ++i) part[i % kLanes] += q[i] * to_f(k[i]);
+  // a tree of independent adds (a running sum would be a chain of kLanes dependent adds per key)
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) part[j] += part[j + width];
+  return part[0];
+}
+
+// qkv: (B, (H + 2 KV) * D); norm_w: (H + KV, D) fp32 (q_norm's weight per query head, then k_norm's);
+// cos, sin: (L, D) fp32 with sin's first half negated (x * cos + roll(x, D/2) * sin);
+// positions, slots: (B,) int64; k_cache, v_cache: (slots, KV, S, D). Returns (B, H * D) in qkv's dtype.
+template <typename A, typename C>
+Tensor attend_impl(const Tensor& qkv, const Tensor& norm_w, double eps, const Tensor& cos, const Tensor& sin,
+                   const Tensor& positions, const Tensor& slots, Tensor& k_cache, Tensor& v_cache, int64_t H,
+                   int64_t KV) {
+  const int64_t B = qkv.size(0), D = k_cache.size(3), S = k_cache.size(2), G = H / KV;
+  const int64_t n_slots = k_cache.size(0);
+  auto out = at::empty({B, H * D}, qkv.options());
+  auto q_buf = at::empty({B, H, D}, qkv.options().dtype(at::kFloat));
+  const A* src = qkv.data_ptr<A>();
+  const float* nw = norm_w.data_ptr<float>();
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  C* kc = k_cache.data_ptr<C>();
+  C* vc = v_cache.data_ptr<C>();
+  float* qb = q_buf.data_ptr<float>();
+  A* dst = out.data_ptr<A>();
+  const int64_t width = (H + 2 * KV) * D, half = D / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "position ", pos[b], " outside the KV cache's ", S);
+    TORCH_CHECK(pos[b] < cos.size(0), "position ", pos[b], " outside the rotary table's ", cos.size(0));
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < n_slots, "slot ", slot[b], " outside the KV cache's ", n_slots);
+  }
+
+  // 1. Normalise and rotate q and k heads, write k and v into the cache.
+  at::parallel_for(0, B * (H + KV), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (H + KV), h = task % (H + KV);
+      const A* row = src + b * width + h * D;
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        x[d] = to_f(row[d]);
+        ss += x[d] * x[d];
+      }
+      const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+      const float* w = nw + h * D;
+      for (int64_t d = 0; d < D; ++d) x[d] = x[d] * inv * w[d];
+      const float* c = cs + pos[b] * D;
+      const float* s = sn + pos[b] * D;
+      float* target = h < H ? qb + (b * H + h) * D : nullptr;
+      C* ktarget = h < H ? nullptr : kc + ((slot[b] * KV + (h - H)) * S + pos[b]) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float r = x[d] * c[d] + x[(d + half) % D] * s[d];
+        if (target) target[d] = r; else ktarget[d] = from_f<C>(r);
+      }
+      if (h >= H) {  // this K/V head's values go in unchanged
+        const A* v = src + b * width + (H + KV + (h - H)) * D;
+        C* vtarget = vc + ((slot[b] * KV + (h - H)) * S + pos[b]) * D;
+        for (int64_t d = 0; d < D; ++d) vtarget[d] = from_f<C>(to_f(v[d]));
+      }
+    }
+  });
+
+  // 2. Attention of each row's G query heads per K/V head over that row's positions 0..pos. Each key and
+  // value row is converted to float32 once and used by all G heads.
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, row(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KV, kvh = task % KV, n = pos[b] + 1;
+      const C* keys = kc + (slot[b] * KV + kvh) * S * D;
+      const C* values = vc + (slot[b] * KV + kvh) * S * D;
+      const float* q = qb + (b * H + kvh * G) * D;
+      scores.resize(G * n);
+      for (int64_t t = 0; t < n; ++t) {
+        const C* k = keys + t * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = to_f(k[d]);
+        for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot(q + g * D, row.data(), D) * scale;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = scores.data() + g * n;
+        float top = sc[0];
+#pragma omp simd reduction(max : top)
+        for (int64_t t = 1; t < n; ++t) top = std::max(top, sc[t]);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < n; ++t) {
+          sc[t] = exp_nonpositive(sc[t] - top);
+          total += sc[t];
+        }
+        const float norm = 1.f / total;
+        for (int64_t t = 0; t < n; ++t) sc[t] *= norm;
+      }
+      // Weighted sum of values, kBlock columns at a time: the block's sums stay in registers over all n rows.
+      A* o = dst + b * H * D + kvh * G * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* p = scores.data() + g * n;
+        for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+          const int64_t width = std::min(kBlock, D - d0);
+          float block[kBlock] = {0.f};
+          if (width == kBlock) {
+            for (int64_t t = 0; t < n; ++t) {
+              const C* v = values + t * D + d0;
+              for (int64_t j = 0; j < kBlock; ++j) block[j] += p[t] * to_f(v[j]);
+            }
+          } else {
+            for (int64_t t = 0; t < n; ++t)
+              for (int64_t j = 0; j < width; ++j) block[j] += p[t] * to_f(values[t * D + d0 + j]);
+          }
+          for (int64_t j = 0; j < width; ++j) o[g * D + d0 + j] = from_f<A>(block[j]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+Tensor attend_decode(const Tensor& qkv, const Tensor& norm_w, double eps, const Tensor& cos, const Tensor& sin,
+                     const Tensor& positions, const Tensor& slots, Tensor k_cache, Tensor v_cache, int64_t n_heads,
+                     int64_t n_kv) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be a contiguous (B, (H + 2 KV) * D) tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "the cache layer must be contiguous (slots, KV, S, D)");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "keys and values must share a dtype");
+  const int64_t D = k_cache.size(3);
+  TORCH_CHECK(k_cache.size(1) == n_kv && qkv.size(1) == (n_heads + 2 * n_kv) * D && n_heads % n_kv == 0,
+              "qkv, cache and head counts disagree");
+  TORCH_CHECK(norm_w.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+              sin.scalar_type() == at::kFloat, "norm weights and rotary tables must be float32");
+  TORCH_CHECK(norm_w.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == D,
+              "norm weights and rotary tables must be contiguous, rotary tables (L, D)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
+              positions.numel() == qkv.size(0) && slots.numel() == qkv.size(0), "positions, slots: (B,) int64");
+  const bool a_bf16 = qkv.scalar_type() == at::kBFloat16, c_bf16 = k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(a_bf16 || qkv.scalar_type() == at::kFloat, "activations must be float32 or bfloat16");
+  TORCH_CHECK(c_bf16 || k_cache.scalar_type() == at::kFloat, "the cache must be float32 or bfloat16");
+  auto p = positions.contiguous();
+  auto s = slots.contiguous();
+  if (a_bf16 && c_bf16)
+    return attend_impl<c10::BFloat16, c10::BFloat16>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, n_heads, n_kv);
+  if (a_bf16) return attend_impl<c10::BFloat16, float>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, n_heads, n_kv);
+  if (c_bf16) return attend_impl<float, c10::BFloat16>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, n_heads, n_kv);
+  return attend_impl<float, float>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, n_heads, n_kv);
+}
+
+// residual (B, C) float32 is updated in place by delta (B, C) (any float dtype, or none);
+// returns rms_norm(residual) * weight in out_dtype.
+template <typename Dl, typename O>
+void add_norm_impl(Tensor& residual, const Tensor* delta, const Tensor& weight, double eps, Tensor& out) {
+  const int64_t B = residual.size(0), C = residual.size(1);
+  float* r = residual.data_ptr<float>();
+  const Dl* dl = delta ? delta->data_ptr<Dl>() : nullptr;
+  const float* w = weight.data_ptr<float>();
+  O* o = out.data_ptr<O>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      float* x = r + b * C;
+      float ss = 0.f;
+      for (int64_t i = 0; i < C; ++i) {
+        if (dl) x[i] += to_f(dl[b * C + i]);
+        ss += x[i] * x[i];
+      }
+      const float inv = 1.f / std::sqrt(ss / C + static_cast<float>(eps));
+      for (int64_t i = 0; i < C; ++i) o[b * C + i] = from_f<O>(x[i] * inv * w[i]);
+    }
+  });
+}
+
+Tensor add_rms_norm(Tensor residual, const c10::optional<Tensor>& delta, const Tensor& weight, double eps,
+                    at::ScalarType out_dtype) {
+  TORCH_CHECK(residual.dim() == 2 && residual.is_contiguous() && residual.scalar_type() == at::kFloat,
+              "the residual must be a contiguous (B, C) float32 tensor");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == residual.size(1), "weight: (C,) float32");
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "out_dtype must be float32 or bfloat16");
+  auto out = at::empty_like(residual, residual.options().dtype(out_dtype));
+  Tensor d;
+  if (delta.has_value()) {
+    d = delta->contiguous().view({residual.size(0), residual.size(1)});
+    TORCH_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kBFloat16, "delta: float32 or bfloat16");
+  }
+  const bool d_bf16 = delta.has_value() && d.scalar_type() == at::kBFloat16;
+  const Tensor* dp = delta.has_value() ? &d : nullptr;
+  if (out_dtype == at::kBFloat16) {
+    if (d_bf16) add_norm_impl<c10::BFloat16, c10::BFloat16>(residual, dp, weight, eps, out);
+    else add_norm_impl<float, c10::BFloat16>(residual, dp, weight, eps, out);
+  } else {
+    if (d_bf16) add_norm_impl<c10::BFloat16, float>(residual, dp, weight, eps, out);
+    else add_norm_impl<float, float>(residual, dp, weight, eps, out);
+  }
+  return out;
+}
+
+template <typename A>
+void silu_mul_impl(const Tensor& gate_up, Tensor& out) {
+  const int64_t B = gate_up.size(0), I = gate_up.size(1) / 2;
+  const A* x = gate_up.data_ptr<A>();
+  A* o = out.data_ptr<A>();
+  at::parallel_for(0, B * I, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t b = j / I, i = j % I;
+      const float g = to_f(x[b * 2 * I + i]), u = to_f(x[b * 2 * I + I + i]);
+      o[j] = from_f<A>(g / (1.f + std::exp(-g)) * u);
+    }
+  });
+}
+
+// gate_up: (B, 2 I), gate then up -> silu(gate) * up, (B, I).
+Tensor silu_mul(const Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up must be a contiguous (B, 2 I) tensor");
+  auto out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  if (gate_up.scalar_type() == at::kBFloat16) silu_mul_impl<c10::BFloat16>(gate_up, out);
+  else if (gate_up.scalar_type() == at::kFloat) silu_mul_impl<float>(gate_up, out);
+  else TORCH_CHECK(false, "gate_up must be float32 or bfloat16");
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend_decode", &attend_decode, "QK-norm, RoPE, KV write and attention for one token per row");
+  m.def("add_rms_norm", &add_rms_norm, "residual += delta; RMSNorm(residual) * weight");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (B, 2 I) gate/up output");
+}
