@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from gpa.config import ModelConfig
 from gpa.kv_cache import KVCache
 
+_NO_SCALES = torch.empty(0)  # a dense linear's scales in GPALM.decode_native's lists
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -373,20 +375,22 @@ class GPALM(nn.Module):
             (B, C) final-norm hidden states (float32, or bfloat16 with quantized weights).
         """
         layers, eps = self.model.layers, self.config.rms_norm_eps
-        act = self.linear_input_dtype()
         cos, sin = self.rope.table(int(positions.max()), torch.float32, ids.device)
-        cos, sin = cos[:, 0], sin[:, 0]  # (L, D)
+        weights, scales, kinds, params, norms = [], [], [], [], []
+        for layer in layers:
+            for linear in (layer.self_attn.fused.proj, layer.self_attn.o_proj, layer.mlp.fused.proj,
+                           layer.mlp.down_proj):
+                # gpa.quant's layers describe themselves (kind, weight, scales, param); nn.Linear is kind 0
+                spec = linear.native_spec() if hasattr(linear, "native_spec") else (0, linear.weight, _NO_SCALES, 0)
+                for out, value in zip((kinds, weights, scales, params), spec, strict=True):
+                    out.append(value)
+            norms += [self._f32(layer.input_layernorm.weight), self._f32(layer.post_attention_layernorm.weight)]
+        norms.append(self._f32(self.model.norm.weight))
+        qk_norms = [self._f32(layer.self_attn.fused.norm) for layer in layers]
         x = self.model.embed_tokens(ids).float()  # (B, C): the residual stream
-        h = ops.add_rms_norm(x, None, self._f32(layers[0].input_layernorm.weight), eps, act)
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            heads = ops.attend_decode(attn.fused.proj(h), self._f32(attn.fused.norm), eps, cos, sin, positions,
-                                      slots, cache.k[i], cache.v[i], attn.n_heads, attn.n_kv)  # (B, H * D)
-            h = ops.add_rms_norm(x, attn.o_proj(heads), self._f32(layer.post_attention_layernorm.weight), eps, act)
-            down = layer.mlp.down_proj(ops.silu_mul(layer.mlp.fused.proj(h)))
-            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            h = ops.add_rms_norm(x, down, self._f32(norm.weight), eps, act)
-        return h
+        attn = layers[0].self_attn
+        return ops.decode_trunk(x, weights, scales, kinds, params, norms, qk_norms, eps, cos[:, 0], sin[:, 0],
+                                positions, slots, cache.k, cache.v, attn.n_heads, attn.n_kv, self.linear_input_dtype())
 
     @staticmethod
     def _f32(t: Tensor) -> Tensor:

@@ -86,6 +86,10 @@ class Int8Linear(_PackedLinear):
         tensors = {"weight": torch.cat([p.weight for p in parts]), "scale": torch.cat([p.scale for p in parts])}
         return cls._fused(parts, tensors, ("weight", "scale"))
 
+    def native_spec(self) -> tuple[int, Tensor, Tensor, int]:
+        """This layer for gpa.native's decode_trunk: kind 1 (int8), weight, scales, the kernel's row limit."""
+        return 1, self.weight, self.scale, INT8_KERNEL_MAX_ROWS
+
     def _product(self, flat: Tensor) -> Tensor:
         if flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
             return torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)  # (N, out)
@@ -142,6 +146,10 @@ class Int4Linear(_PackedLinear):
         q = torch.cat([packed & 0xF, packed >> 4], dim=2).transpose(1, 2).reshape(n, k // INT4_GROUP, INT4_GROUP)
         scale, zero = self.scale_zero.permute(2, 1, 0).contiguous()  # each (out, in / INT4_GROUP)
         return torch.addcmul(zero[..., None], q.to(torch.bfloat16) - 8, scale[..., None]).reshape(n, k)
+
+    def native_spec(self) -> tuple[int, Tensor, Tensor, int]:
+        """This layer for gpa.native's decode_trunk: kind 2 (int4), packed weight, scales/offsets, group size."""
+        return 2, self.weight, self.scale_zero, INT4_GROUP
 
     def _product(self, flat: Tensor) -> Tensor:
         if flat.shape[0] > INT4_KERNEL_MAX_ROWS:  # prefill: the bf16 GEMM on weights unpacked now is faster

@@ -280,10 +280,52 @@ Tensor silu_mul(const Tensor& gate_up) {
   return out;
 }
 
+// A linear layer of any of gpa's weight formats: kind 0 dense (at::linear); 1 int8 with per-row scales, its
+// kernel up to `param` rows, dequantized to bf16 beyond; 2 int4 in groups of `param` inputs.
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t kind, int64_t param) {
+  if (kind == 2) return at::_weight_int4pack_mm_for_cpu(x, w, param, scales);
+  if (kind == 1) {
+    if (x.size(0) <= param) return at::_weight_int8pack_mm(x, w, scales);
+    return at::linear(x, w.to(at::kBFloat16) * scales.unsqueeze(1));
+  }
+  return at::linear(x, w);
+}
+
+// Every decoder layer for one token per row, in one call: per layer 4 linears (qkv, o, gate_up, down: weights,
+// scales, kinds and params of `linear`, 4 per layer in that order), 2 norms (input, post-attention) plus the final norm at the
+// end, the QK-norm weights; k_cache, v_cache: (layers, slots, KV, S, D). x: (B, C) float32 embeddings, the
+// residual stream (updated in place). Returns the final-norm hidden states (B, C) in act's dtype.
+Tensor decode_trunk(Tensor x, const std::vector<Tensor>& weights, const std::vector<Tensor>& scales,
+                    const std::vector<int64_t>& kinds, const std::vector<int64_t>& params,
+                    const std::vector<Tensor>& norms,
+                    const std::vector<Tensor>& qk_norms, double eps, const Tensor& cos, const Tensor& sin,
+                    const Tensor& positions, const Tensor& slots, Tensor k_cache, Tensor v_cache, int64_t n_heads,
+                    int64_t n_kv, at::ScalarType act) {
+  const int64_t layers = static_cast<int64_t>(qk_norms.size());
+  TORCH_CHECK(weights.size() == 4 * qk_norms.size() && scales.size() == weights.size() &&
+              kinds.size() == weights.size() && params.size() == weights.size() && norms.size() == 2 * qk_norms.size() + 1,
+              "decode_trunk: 4 linears and 2 norms per layer, plus the final norm");
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == layers, "the cache must be (layers, slots, KV, S, D)");
+  auto h = add_rms_norm(x, c10::nullopt, norms[0], eps, act);
+  for (int64_t i = 0; i < layers; ++i) {
+    const int64_t l = 4 * i;
+    auto qkv = linear(h, weights[l], scales[l], kinds[l], params[l]);
+    auto heads = attend_decode(qkv, qk_norms[i], eps, cos, sin, positions, slots, k_cache.select(0, i),
+                               v_cache.select(0, i), n_heads, n_kv);
+    auto attn = linear(heads, weights[l + 1], scales[l + 1], kinds[l + 1], params[l + 1]);
+    h = add_rms_norm(x, attn, norms[2 * i + 1], eps, act);
+    auto gate_up = linear(h, weights[l + 2], scales[l + 2], kinds[l + 2], params[l + 2]);
+    auto down = linear(silu_mul(gate_up), weights[l + 3], scales[l + 3], kinds[l + 3], params[l + 3]);
+    h = add_rms_norm(x, down, norms[2 * i + 2], eps, act);
+  }
+  return h;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode", &attend_decode, "QK-norm, RoPE, KV write and attention for one token per row");
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; RMSNorm(residual) * weight");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (B, 2 I) gate/up output");
+  m.def("decode_trunk", &decode_trunk, "every decoder layer for one token per row");
 }
