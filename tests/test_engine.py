@@ -281,3 +281,24 @@ def test_helper_threads_leave_the_callers_torch_threads_alone(model, voice):
     assert torch.get_num_threads() == before  # torch's thread count is per thread: only the helpers use 1
     with pytest.raises(ValueError, match="helper_threads"):
         EngineConfig(helper_threads=0)
+
+
+def test_prompt_preparation_uses_every_thread_only_while_nothing_decodes(model, voice):
+    """Audio tokenization runs on the prep thread with all of torch's threads while the engine is idle, and with
+    ``helper_threads`` while a request is being decoded (two OpenMP teams on the same cores slow each other)."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("needs torch to use at least 2 threads")
+
+    async def main():
+        async with Engine(model, EngineConfig(max_slots=2, helper_threads=1)) as eng:
+            idle = await eng._prepare(torch.get_num_threads)
+            stream = await eng.tts("A sentence long enough to keep the engine decoding.", voice, seed=0,
+                                   max_new_tokens=400)
+            events = stream.__aiter__()
+            await events.__anext__()  # decoding has started
+            busy = await eng._prepare(torch.get_num_threads)
+            await stream.aclose()
+            return idle, busy
+
+    assert run(main()) == (threads, 1)
