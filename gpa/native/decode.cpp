@@ -16,6 +16,9 @@
 
 #include <cmath>
 #include <cstring>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace {
@@ -67,6 +70,130 @@ inline float dot(const float* q, const K* k, int64_t n) {
     for (int64_t j = 0; j < width; ++j) part[j] += part[j + width];
   return part[0];
 }
+
+// scores[g * n + t] = scale * q_g . key_t for G query heads (G, D) float32 over n key rows (n, D).
+template <typename C>
+void score_keys_loop(const float* q, int64_t G, int64_t D, const C* keys, int64_t n, float* scores, float scale,
+                     float* row) {
+  for (int64_t t = 0; t < n; ++t) {
+    const C* k = keys + t * D;
+    for (int64_t d = 0; d < D; ++d) row[d] = to_f(k[d]);  // converted once for all G heads
+    for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot(q + g * D, row, D) * scale;
+  }
+}
+
+template <typename C>
+void score_keys(const float* q, int64_t G, int64_t D, const C* keys, int64_t n, float* scores, float scale,
+                float* row) {
+  score_keys_loop(q, G, D, keys, n, scores, scale, row);
+}
+
+#if defined(__AVX512BF16__)
+// With AVX512-BF16 (a bfloat16 cache): the queries rounded to bfloat16 once, each key row multiplied in bf16
+// pairs with float32 sums (vdpbf16ps), 32 products per instruction. About 3x the float32 loop's speed here.
+template <>
+void score_keys<c10::BFloat16>(const float* q, int64_t G, int64_t D, const c10::BFloat16* keys, int64_t n,
+                               float* scores, float scale, float* row) {
+  constexpr int64_t kMaxChunks = 8, kMaxG = 8;  // D up to 256, up to 8 query heads per K/V head
+  const int64_t chunks = D / 32;
+  if (D % 32 != 0 || chunks > kMaxChunks || G > kMaxG) {
+    score_keys_loop(q, G, D, keys, n, scores, scale, row);
+    return;
+  }
+  __m512bh qv[kMaxG * kMaxChunks];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* src = q + g * D + c * 32;
+      qv[g * chunks + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+    }
+  for (int64_t t = 0; t < n; ++t) {
+    __m512bh kv[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(keys + t * D + c * 32);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) acc = _mm512_dpbf16_ps(acc, qv[g * chunks + c], kv[c]);
+      scores[g * n + t] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+}
+#endif
+
+// out (G, D) = p (G, n) @ values (n, D): the weighted sums of value rows, kBlock columns at a time (the block's
+// sums stay in registers over all n rows).
+template <typename C>
+void weigh_values_loop(const float* p, int64_t G, int64_t D, const C* values, int64_t n, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* pg = p + g * n;
+    for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+      const int64_t width = std::min(kBlock, D - d0);
+      float block[kBlock] = {0.f};
+      if (width == kBlock) {
+        for (int64_t t = 0; t < n; ++t) {
+          const C* v = values + t * D + d0;
+          for (int64_t j = 0; j < kBlock; ++j) block[j] += pg[t] * to_f(v[j]);
+        }
+      } else {
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t j = 0; j < width; ++j) block[j] += pg[t] * to_f(values[t * D + d0 + j]);
+      }
+      for (int64_t j = 0; j < width; ++j) out[g * D + d0 + j] = block[j];
+    }
+  }
+}
+
+template <typename C>
+void weigh_values(const float* p, int64_t G, int64_t D, const C* values, int64_t n, float* out) {
+  weigh_values_loop(p, G, D, values, n, out);
+}
+
+#if defined(__AVX512BF16__)
+inline uint32_t bf16_bits(float x) { return static_cast<uint32_t>(c10::BFloat16(x).x); }  // round to nearest even
+
+// With AVX512-BF16: two value rows at a time, their bf16 elements interleaved into pairs (row t, row t + 1) that
+// one vdpbf16ps multiplies by the pair of (bf16-rounded) weights. unpacklo/hi interleave within 128-bit lanes, so
+// the sums come out in a fixed column order, put back when stored.
+template <>
+void weigh_values<c10::BFloat16>(const float* p, int64_t G, int64_t D, const c10::BFloat16* values, int64_t n,
+                                 float* out) {
+  constexpr int64_t kMaxChunks = 4, kMaxG = 4;  // register budget: 2 * G * chunks accumulators
+  const int64_t chunks = D / 32;
+  if (D % 32 != 0 || chunks > kMaxChunks || G > kMaxG) {
+    weigh_values_loop(p, G, D, values, n, out);
+    return;
+  }
+  __m512 lo[kMaxG * kMaxChunks], hi[kMaxG * kMaxChunks];
+  for (int64_t i = 0; i < G * chunks; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 2) {
+    const bool pair = t + 1 < n;
+    __m512i weight[kMaxG];
+    for (int64_t g = 0; g < G; ++g)
+      weight[g] = _mm512_set1_epi32(static_cast<int32_t>(bf16_bits(p[g * n + t]) |
+                                                         (pair ? bf16_bits(p[g * n + t + 1]) << 16 : 0u)));
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i a = _mm512_loadu_si512(values + t * D + c * 32);
+      const __m512i b = pair ? _mm512_loadu_si512(values + (t + 1) * D + c * 32) : _mm512_setzero_si512();
+      const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(a, b), high = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int64_t g = 0; g < G; ++g) {
+        lo[g * chunks + c] = _mm512_dpbf16_ps(lo[g * chunks + c], (__m512bh)weight[g], low);
+        hi[g * chunks + c] = _mm512_dpbf16_ps(hi[g * chunks + c], (__m512bh)weight[g], high);
+      }
+    }
+  }
+  // Lane L (of 4) of `lo` holds columns 8L..8L+3 of its 32-column chunk, of `hi` columns 8L+4..8L+7.
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < chunks; ++c) {
+      alignas(64) float l[16], h[16];
+      _mm512_store_ps(l, lo[g * chunks + c]);
+      _mm512_store_ps(h, hi[g * chunks + c]);
+      float* o = out + g * D + c * 32;
+      for (int64_t lane = 0; lane < 4; ++lane)
+        for (int64_t j = 0; j < 4; ++j) {
+          o[8 * lane + j] = l[4 * lane + j];
+          o[8 * lane + 4 + j] = h[4 * lane + j];
+        }
+    }
+}
+#endif
 
 // qkv: (B, (H + 2 KV) * D); norm_w: (H + KV, D) fp32 (q_norm's weight per query head, then k_norm's);
 // cos, sin: (L, D) fp32 with sin's first half negated (x * cos + roll(x, D/2) * sin);
@@ -126,22 +253,17 @@ Tensor attend_impl(const Tensor& qkv, const Tensor& norm_w, double eps, const Te
     }
   });
 
-  // 2. Attention of each row's G query heads per K/V head over that row's positions 0..pos. Each key and
-  // value row is converted to float32 once and used by all G heads.
+  // 2. Attention of each row's G query heads per K/V head over that row's positions 0..pos.
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, row(D);
+    std::vector<float> scores, row(D), mixed(G * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, kvh = task % KV, n = pos[b] + 1;
       const C* keys = kc + (slot[b] * KV + kvh) * S * D;
       const C* values = vc + (slot[b] * KV + kvh) * S * D;
       const float* q = qb + (b * H + kvh * G) * D;
       scores.resize(G * n);
-      for (int64_t t = 0; t < n; ++t) {
-        const C* k = keys + t * D;
-        for (int64_t d = 0; d < D; ++d) row[d] = to_f(k[d]);
-        for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot(q + g * D, row.data(), D) * scale;
-      }
+      score_keys<C>(q, G, D, keys, n, scores.data(), scale, row.data());
       for (int64_t g = 0; g < G; ++g) {
         float* sc = scores.data() + g * n;
         float top = sc[0];
@@ -156,25 +278,9 @@ Tensor attend_impl(const Tensor& qkv, const Tensor& norm_w, double eps, const Te
         const float norm = 1.f / total;
         for (int64_t t = 0; t < n; ++t) sc[t] *= norm;
       }
-      // Weighted sum of values, kBlock columns at a time: the block's sums stay in registers over all n rows.
+      weigh_values<C>(scores.data(), G, D, values, n, mixed.data());
       A* o = dst + b * H * D + kvh * G * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* p = scores.data() + g * n;
-        for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
-          const int64_t width = std::min(kBlock, D - d0);
-          float block[kBlock] = {0.f};
-          if (width == kBlock) {
-            for (int64_t t = 0; t < n; ++t) {
-              const C* v = values + t * D + d0;
-              for (int64_t j = 0; j < kBlock; ++j) block[j] += p[t] * to_f(v[j]);
-            }
-          } else {
-            for (int64_t t = 0; t < n; ++t)
-              for (int64_t j = 0; j < width; ++j) block[j] += p[t] * to_f(values[t * D + d0 + j]);
-          }
-          for (int64_t j = 0; j < width; ++j) o[g * D + d0 + j] = from_f<A>(block[j]);
-        }
-      }
+      for (int64_t i = 0; i < G * D; ++i) o[i] = from_f<A>(mixed[i]);
     }
   });
   return out;
