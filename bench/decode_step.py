@@ -2,11 +2,11 @@
 
 Runs :class:`gpa.generation.SlotDecoder` on a checkpoint with the official shapes (random weights are
 fine: speed does not depend on values), each row a TTS-like request (output head over 8193 ids) at
-``--prompt`` tokens of context. Optimisations that can be switched at run time are A/B-tested
-interleaved in the same process (fused projections on/off; decode loop on the main thread vs a worker
-thread), and the weight-streaming bound is computed from the measured memory read bandwidth. Prints
-one JSON object. Timings on a shared machine are noisy: medians of interleaved rounds are reported
-with the load average, and per-step CPU time of the calling thread (``cpu_ms``) beside wall time.
+``--prompt`` tokens of context. Optimisations that can be switched at run time are A/B-tested interleaved in
+the same process (fused projections on/off; with --native, gpa's C++ kernels; decode loop on the main thread
+vs a worker thread), and the weight-streaming bound is computed from the measured memory read bandwidth.
+Prints one JSON object. Timings on a shared machine are noisy: medians of interleaved rounds are reported with
+the load average, and per-step CPU time of the calling thread (``cpu_ms``) beside wall time.
 
     .venv/bin/python bench/decode_step.py --model ~/.cache/gpa/tests/official-shaped
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from gpa import native as gpa_native
 from gpa.checkpoint import Checkpoint, load_lm
 from gpa.config import SamplingParams
 from gpa.generation import GenerationRequest, SlotDecoder
@@ -87,14 +88,23 @@ def measure(lm: torch.nn.Module, batch: int, args: argparse.Namespace) -> dict:
     variants = {"fused": (True, False), "unfused": (False, False)} if switchable else {"as_is": (True, False)}
     if args.worker_thread:
         variants["fused_worker_thread" if switchable else "as_is_worker_thread"] = (True, True)
+    if args.native:
+        variants["native"] = (True, False)
     samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in variants}
     for _ in range(args.rounds):
         decoder, states = _decoder(lm, batch, args.prompt, args.steps * len(variants) + 2)
         decoder.step(states)  # warm-up
+        if args.native:  # its own decoder: gpa's C++ kernels, with a bf16 cache under quantized weights
+            lm.native_decode = True
+            native = _decoder(lm, batch, args.prompt, args.steps + 2)
+            lm.native_decode = False
+            if native[0].ops is None:
+                raise SystemExit(f"--native: the kernels are unavailable ({gpa_native.unavailable_reason()})")
+            native[0].step(native[1])
         for name, (fused, worker) in variants.items():
             if switchable:
                 lm.fuse() if fused else lm.unfuse()
-            run = functools.partial(_time_steps, decoder, states, args.steps)
+            run = functools.partial(_time_steps, *(native if name == "native" else (decoder, states)), args.steps)
             wall, cpu = _on_worker(run) if worker else run()
             samples[name][0].extend(wall)
             samples[name][1].extend(cpu)
@@ -105,6 +115,8 @@ def measure(lm: torch.nn.Module, batch: int, args: argparse.Namespace) -> dict:
     main = out["fused" if switchable else "as_is"]
     if switchable:
         out["fused_speedup"] = round(out["unfused"]["ms"] / main["ms"], 3)
+    if args.native:
+        out["native_speedup"] = round(main["ms"] / out["native"]["ms"], 3)
         lm.fuse()
     out["tokens_per_s"] = round(batch * 1e3 / main["ms"], 1)
     return out
@@ -123,6 +135,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker-thread", action="store_true", help="also time the loop on a worker thread")
+    p.add_argument("--native", action="store_true", help="also time gpa's C++ decode kernels (gpa.native)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
