@@ -1,5 +1,6 @@
 """GPA-nano TTS speed on this machine: the bundle's CPU settings (int8 LLM, bfloat16 decoder) beside exact
-float32 (and, with ``--modes exact,fast,int4``, an int4 LLM), on the same sentences, seeds and voice.
+float32 (and, with ``--modes exact,fast,int4,native``, an int4 LLM; gpa's C++ decode kernels on and off), on
+the same sentences, seeds and voice.
 
 Prints one JSON object: per mode the real-time factor (wall seconds over audio seconds) of the whole
 ``GPA.tts`` call and of its two parts (LLM generation, codec decoding), LLM tokens per second, and the
@@ -33,7 +34,8 @@ SENTENCES = [  # held-out-bucket sentences of the corpus (never trained on)
     "He turned the corner and saw the lights of the little town below.",
 ]
 MODES = {"exact": dict(quantize="none", vocoder_dtype="float32"), "fast": dict(quantize=None, vocoder_dtype=None),
-         "int4": dict(quantize="int4", vocoder_dtype=None)}  # int4: the bundle's settings with an int4 LLM
+         "int4": dict(quantize="int4", vocoder_dtype=None),  # int4: the bundle's settings with an int4 LLM
+         "native": dict(quantize=None, vocoder_dtype=None, native_decode=True)}  # the bundle's, gpa's C++ kernels
 
 
 def one(model: gpa.GPA, text: str, reference: str, seed: int) -> dict[str, float]:

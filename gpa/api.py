@@ -137,10 +137,7 @@ class GPA:
             bicodec.set_decode_dtype(vocoder_dtype)
         vocab = Vocab.from_dir(ckpt.root, glm_codebook_size=glm.codebook_size)
         lm = load_lm(ckpt, device=device, dtype=dtype, quantize=quantize)
-        native_decode = wanted.get("native_decode", False) if native_decode is None else native_decode
-        if not isinstance(native_decode, bool):
-            raise ValueError(f"native_decode must be true or false, got {native_decode!r}")
-        lm.native_decode = native_decode
+        lm.native_decode = bool(wanted.get("native_decode", False) if native_decode is None else native_decode)
         if lm.config.vocab_size < vocab.size:
             raise ValueError(f"{ckpt.llm_config}: vocab_size {lm.config.vocab_size} < tokenizer size {vocab.size}")
         model = cls(lm, vocab, bicodec, glm, root=ckpt.root)

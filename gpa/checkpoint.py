@@ -85,10 +85,10 @@ class Checkpoint:
     def inference_file(self) -> Path:
         return self.root / INFERENCE_FILE
 
-    def inference_defaults(self, device: torch.device) -> dict[str, str]:
+    def inference_defaults(self, device: torch.device) -> dict[str, str | bool]:
         """The speed settings the checkpoint asks for on ``device``'s type when the caller gives none, from its
-        optional ``inference.json`` ({"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16", "dtype": "float32"}});
-        {} without."""
+        optional ``inference.json`` ({"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16", "dtype": "float32",
+        "native_decode": true}}); {} without."""
         if not self.inference_file.is_file():
             return {}
         try:
@@ -99,7 +99,11 @@ class Checkpoint:
         if not isinstance(chosen, dict) or set(chosen) - set(INFERENCE_KEYS):
             raise CheckpointError(f"{self.inference_file}: expected {{device type: {{setting: value}}}} with "
                                   f"settings among {INFERENCE_KEYS}, got {table!r}")
-        return {k: str(v) for k, v in chosen.items()}
+        wrong = {k: v for k, v in chosen.items() if not isinstance(v, bool if k == "native_decode" else str)}
+        if wrong:
+            raise CheckpointError(f"{self.inference_file}: native_decode takes true or false, the others a string; "
+                                  f"got {wrong}")
+        return dict(chosen)
 
     def codec_dirs(self) -> list[Path]:
         """The codec directories a copy of this checkpoint needs."""

@@ -43,6 +43,7 @@ def test_bundle_is_complete_small_and_the_default(bundled_model, monkeypatch):
     # its inference.json: int8 LLM (float32 activations) and bfloat16 decoding on CPU unless the caller says otherwise
     assert model.lm.weight_quant == "int8" and model.bicodec.decode_dtype == torch.bfloat16
     assert model.lm.head_weight().dtype == torch.float32  # float32 activations: faster for this small LLM
+    assert model.lm.native_decode  # gpa's C++ decode kernels where they build (torch's path elsewhere)
     exact = gpa.load(device="cpu", quantize="none", vocoder_dtype="float32")
     assert exact.lm.weight_quant == "none" and exact.bicodec.decode_dtype == torch.float32
     voices = model.builtin_voices()

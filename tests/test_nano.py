@@ -434,6 +434,13 @@ def test_inference_json_sets_speed_defaults_and_is_checked(nano_dir, tmp_path):
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"tokenizer_dtype": "int8"}}))
     with pytest.raises(ValueError, match="unknown tokenizer_dtype 'int8'"):
         gpa.load(ckpt, device="cpu")
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"native_decode": True}}))
+    assert gpa.load(ckpt, device="cpu").lm.native_decode
+    assert not gpa.load(ckpt, device="cpu", native_decode=False).lm.native_decode
+    assert not plain.lm.native_decode
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"native_decode": "yes"}}))
+    with pytest.raises(CheckpointError, match="native_decode takes true or false"):
+        gpa.load(ckpt, device="cpu")
 
 
 @pytest.mark.parametrize("levels", [(4, 4, 4, 4, 4), (3, 5, 8, 2)])

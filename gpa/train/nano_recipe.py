@@ -114,8 +114,9 @@ BUNDLE_VOICES = {
 }
 DEFAULT_VOICE = "slt"
 # The bundle's speed settings on CPU (its inference.json, see gpa.checkpoint.Checkpoint.inference_defaults):
-# TTS real-time factor 0.50 -> 0.30 on 2 cores (bench/nano_tts.py); the accuracy cost is in the model card.
-INFERENCE = {"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16", "dtype": "float32"}}
+# TTS real-time factor 0.49 -> 0.28 on 2 cores, 0.21 with gpa's C++ decode kernels (bench/nano_tts.py); the
+# accuracy cost is in the model card.
+INFERENCE = {"cpu": {"quantize": "int8", "vocoder_dtype": "bfloat16", "dtype": "float32", "native_decode": True}}
 
 
 def pick_voices(corpus: Path, out: Path) -> Path:
