@@ -269,6 +269,7 @@ class GPALM(nn.Module):
         self.config = cfg
         self.weight_quant = "none"  # "int8" or "int4" after gpa.quant.quantize_weights (set by the loader)
         self.native_decode = False  # decode steps through gpa's C++ kernels (gpa.native; set by the loader)
+        self.head_cache: dict[object, object] = {}  # output heads built for decoding (gpa.generation.SlotDecoder)
         self.model = Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
@@ -302,6 +303,7 @@ class GPALM(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         self.unfuse()  # fused matrices would keep the old device/dtype
+        self.head_cache = {}  # and so would the heads built from the weights
         self.rope = RopeTable(self.config.head_dim, self.config.rope_theta)
         return super()._apply(fn, recurse)
 

@@ -16,10 +16,12 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from torch import Tensor
 
 from gpa.engine.request import EngineError
 from gpa.generation import GenerationRequest, SequenceState, SlotDecoder
@@ -153,9 +155,11 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, lm: GPALM, slots: int, max_seq_len: int) -> None:
+    def __init__(self, lm: GPALM, slots: int, max_seq_len: int, heads: Sequence[Tensor | None] = ()) -> None:
+        """``heads``: the id sets (allowed masks) whose output heads are built now rather than at first use."""
         self.slots = slots
         self.decoder = SlotDecoder(lm, slots, max_seq_len)
+        self.decoder.prepare_heads(heads)
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[_Job] = deque()
         self._active: list[_Job] = []

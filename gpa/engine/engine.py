@@ -64,7 +64,8 @@ class EngineConfig:
 def make_backend(model: GPA, config: EngineConfig) -> Backend:
     """The backend ``config`` names, built for ``model``."""
     if config.backend == "torch":
-        return TorchBackend(model.lm, config.max_slots, config.max_seq_len)
+        return TorchBackend(model.lm, config.max_slots, config.max_seq_len,
+                            heads=[model.generation_request(t, [], model.sampling(t)).allowed for t in Task])
     if config.vllm.url is not None:
         try:
             from gpa.engine.vllm_http import VLLMHTTPBackend
