@@ -148,3 +148,16 @@ def test_attention_kernel_equals_reference(ops, heads, kv, dim, cache_dtype):
     untouched = torch.ones(slots, dtype=torch.bool)
     untouched[row_slots] = False
     assert torch.equal(k_new[untouched], k_cache[untouched])
+
+
+def test_int4_dequantize_equals_torch_unpacking(ops):
+    """The C++ unpacking of torch's int4 layout (used for prefills over INT4_KERNEL_MAX_ROWS rows) gives torch's
+    unpacked weights, to bf16 rounding (it computes in float32, torch in bf16), fused layers included."""
+    from gpa.quant import Int4Linear
+
+    g = torch.Generator().manual_seed(0)
+    parts = [Int4Linear(torch.randn(n, 192, generator=g)) for n in (128, 64)]
+    for layer in (*parts, Int4Linear.fuse(parts)):
+        fast, plain = layer.dequantized(), layer.unpacked()
+        assert fast.dtype == torch.bfloat16 and fast.shape == plain.shape
+        assert rel_err(fast.float(), plain.float()) < 4e-3

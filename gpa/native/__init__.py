@@ -81,6 +81,12 @@ def load() -> ModuleType | None:
         return None
 
 
+def loaded() -> ModuleType | None:
+    """The kernels if this process has already loaded them (never builds)."""
+    module = _state.get("module")
+    return module if isinstance(module, ModuleType) else None
+
+
 def _cached_path() -> Path:
     import torch
 

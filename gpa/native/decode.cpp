@@ -427,6 +427,35 @@ Tensor decode_trunk(Tensor x, const std::vector<Tensor>& weights, const std::vec
   return h;
 }
 
+// The (out, in) bfloat16 weights of an int4 layer: (q - 8) * scale + zero per group of `group` inputs, unpacked
+// from torch's CPU int4 layout (per block of 64 rows, input k's 32 bytes hold rows j (low nibble) and j + 32
+// (high), j < 32); computed in float32, rounded once. weight: (out, in / 2) uint8; scale_zero: (in / group, out, 2).
+Tensor int4_dequantize(const Tensor& weight, const Tensor& scale_zero, int64_t group) {
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.is_contiguous(),
+              "weight: a contiguous (out, in / 2) uint8 tensor");
+  const int64_t n = weight.size(0), k = weight.size(1) * 2;
+  TORCH_CHECK(n % 64 == 0 && group > 0 && k % group == 0, "rows must come in blocks of 64, inputs in groups");
+  TORCH_CHECK(scale_zero.dim() == 3 && scale_zero.size(0) == k / group && scale_zero.size(1) == n &&
+              scale_zero.size(2) == 2, "scale_zero: (in / group, out, 2)");
+  auto sz = scale_zero.to(at::kFloat).contiguous();
+  auto out = at::empty({n, k}, weight.options().dtype(at::kBFloat16));
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const float* s = sz.data_ptr<float>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* block = w + (r / 64) * 64 * (k / 2);
+      const int64_t j = r % 64, shift = j < 32 ? 0 : 4, lane = j % 32;
+      for (int64_t c = 0; c < k; ++c) {
+        const int q = (block[c * 32 + lane] >> shift) & 0xF;
+        const float* g = s + ((c / group) * n + r) * 2;
+        o[r * k + c] = c10::BFloat16(static_cast<float>(q - 8) * g[0] + g[1]);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -434,4 +463,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; RMSNorm(residual) * weight");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (B, 2 I) gate/up output");
   m.def("decode_trunk", &decode_trunk, "every decoder layer for one token per row");
+  m.def("int4_dequantize", &int4_dequantize, "an int4 layer's weights as bfloat16 (out, in)");
 }
