@@ -32,6 +32,20 @@ def test_asr_pipeline_feeds_raw_audio_to_glm_and_normalised_audio_to_bicodec(mod
     assert isinstance(model.asr(path, **FAST), str)
 
 
+def test_bf16_tokenizers_store_their_matrices_in_bf16_with_the_same_codes(mini_dir, golden_inputs):
+    """tokenizer_dtype="bfloat16" stores the matrices of the parts that only run under its autocast in bf16 (autocast
+    would cast them on every call): the prompts equal those of autocast over float32 weights."""
+    fast = gpa.load(mini_dir, device="cpu", tokenizer_dtype="bfloat16")
+    autocast_only = gpa.load(mini_dir, device="cpu")
+    autocast_only.tokenizer_dtype = torch.bfloat16
+    for part in (fast.glm.encoder, fast.bicodec.wav2vec2, fast.bicodec.encoder):
+        linears = [m for m in part.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(p.dtype == torch.float32 for p in fast.bicodec.decoder.parameters())  # decoding: its own dtype
+    audio = [golden_inputs["long_16k"], golden_inputs["speech0_22k"]]
+    assert [p.prompt_ids for p in fast.asr_prompts(audio)] == [p.prompt_ids for p in autocast_only.asr_prompts(audio)]
+
+
 def test_asr_batch_equals_single(model, golden_inputs):
     files = [golden_inputs[n] for n in ("speech1_8k", "short_16k", "long_16k")]
     # seeded: the tiny random model's transcripts loop, so the loop guard samples again
