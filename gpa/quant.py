@@ -27,6 +27,7 @@ INT8_KERNEL_MAX_ROWS = 24  # measured here (0.3B, whole forward): the int8 kerne
 # vs 138 ms), the bf16 kernel on dequantized weights beyond (64: 189 vs 268 ms); decode at c=9..24 takes the kernel
 INT4_KERNEL_MAX_ROWS = 256  # measured here (0.3B, all 28 layers): unpacking every weight to bf16 costs ~0.4-0.5 s,
 # the int4 kernel 2.7 ms per row; at 256 rows they tie (714 vs 741 ms), at ASR's ~630-row prefill the bf16 GEMM wins
+INT4_NATIVE_MAX_ROWS = 64  # the same with gpa.native's unpacking (84 ms for all 28 layers): they tie at 64 rows
 INT4_GROUP = 64  # inputs per scale/offset: 32 was 1.7x slower here, 128 and 256 less accurate (9.9 %, 10.9 %)
 INT4_ROW_BLOCK = 64  # the kernel packs rows in blocks of 64: a layer's (and a fused part's) rows are a multiple
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -143,7 +144,7 @@ class Int4Linear(_PackedLinear):
     def dequantized(self) -> Tensor:
         """The (out, in) weights as bfloat16: ``(q - 8) * scale + zero`` per group, unpacked from the kernel's layout
         (per block of 64 rows, input k's 32 bytes hold rows j (low nibble) and j + 32 (high), j < 32)."""
-        ops = native.loaded()  # one pass in C++ when gpa's kernels are loaded (0.3B: ~0.35 s of torch ops per prefill)
+        ops = native.loaded()  # one pass in C++ when gpa's kernels are loaded (0.3B: 84 ms against ~0.4 s of torch ops)
         if ops is not None and self.weight.device.type == "cpu":
             return ops.int4_dequantize(self.weight, self.scale_zero, INT4_GROUP)
         return self.unpacked()
@@ -161,7 +162,8 @@ class Int4Linear(_PackedLinear):
         return 2, self.weight, self.scale_zero, INT4_GROUP
 
     def _product(self, flat: Tensor) -> Tensor:
-        if flat.shape[0] > INT4_KERNEL_MAX_ROWS:  # prefill: the bf16 GEMM on weights unpacked now is faster
+        limit = INT4_KERNEL_MAX_ROWS if native.loaded() is None else INT4_NATIVE_MAX_ROWS
+        if flat.shape[0] > limit:  # prefill: the bf16 GEMM on weights unpacked now is faster
             return F.linear(flat, self.dequantized())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scale_zero)
 

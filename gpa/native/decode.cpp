@@ -442,14 +442,35 @@ Tensor int4_dequantize(const Tensor& weight, const Tensor& scale_zero, int64_t g
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const float* s = sz.data_ptr<float>();
   c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* block = w + (r / 64) * 64 * (k / 2);
-      const int64_t j = r % 64, shift = j < 32 ? 0 : 4, lane = j % 32;
-      for (int64_t c = 0; c < k; ++c) {
-        const int q = (block[c * 32 + lane] >> shift) & 0xF;
-        const float* g = s + ((c / group) * n + r) * 2;
-        o[r * k + c] = c10::BFloat16(static_cast<float>(q - 8) * g[0] + g[1]);
+  // One block of 64 rows and one group of columns at a time: the block's bytes for a column are contiguous (32),
+  // the values go to a float tile in L1, then each row's group of columns is rounded and stored contiguously.
+  at::parallel_for(0, n / 64, 1, [&](int64_t begin, int64_t end) {
+    float scale[64], zero[64];
+    std::vector<float> tile(64 * group);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const uint8_t* bytes = w + blk * 64 * (k / 2);
+      uint16_t* rows = reinterpret_cast<uint16_t*>(o + blk * 64 * k);
+      for (int64_t g = 0; g < k / group; ++g) {
+        for (int64_t j = 0; j < 64; ++j) {
+          scale[j] = s[(g * n + blk * 64 + j) * 2];
+          zero[j] = s[(g * n + blk * 64 + j) * 2 + 1] - 8.f * scale[j];
+        }
+        for (int64_t c = 0; c < group; ++c) {
+          const uint8_t* col = bytes + (g * group + c) * 32;
+          for (int64_t j = 0; j < 32; ++j) {
+            tile[j * group + c] = static_cast<float>(col[j] & 0xF) * scale[j] + zero[j];
+            tile[(j + 32) * group + c] = static_cast<float>(col[j] >> 4) * scale[j + 32] + zero[j + 32];
+          }
+        }
+        for (int64_t j = 0; j < 64; ++j) {
+          uint16_t* dst_row = rows + j * k + g * group;
+          const float* src_row = tile.data() + j * group;
+          for (int64_t c = 0; c < group; ++c) {  // round to nearest even (finite values), as c10::BFloat16 does
+            uint32_t bits;
+            std::memcpy(&bits, src_row + c, sizeof(bits));
+            dst_row[c] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+          }
+        }
       }
     }
   });
