@@ -1,13 +1,16 @@
 // One-token decode steps of GPA's LLM on the CPU, fused: what torch would run as ~40 small ops per layer.
 //
 // At one to a few rows per step, a decoder layer's time on a CPU is mostly per-op overhead and the read
-// of the KV cache, not arithmetic. These kernels do a layer's non-matmul work in three calls:
+// of the KV cache, not arithmetic. decode_trunk runs every layer in one call from Python:
 //   attend_decode: QK-norm + rotary embedding of the new q/k heads, the K/V write into the cache at each
 //     row's own slot and position, and grouped-query attention over positions [0, pos] (so stale entries
-//     beyond a row's position, left by an earlier request in the slot, are never read);
+//     beyond a row's position, left by an earlier request in the slot, are never read); with AVX512-BF16
+//     and a bfloat16 cache, the products run as bf16 pairs with float32 sums;
 //   add_rms_norm: the residual add and the next RMSNorm in one pass;
-//   silu_mul: SwiGLU's activation over the fused gate/up output.
-// Math is float32 inside; activations and the cache may be float32 or bfloat16.
+//   silu_mul: SwiGLU's activation over the fused gate/up output;
+//   linear: torch's dense, int8 or int4 kernel, whichever the layer's weights are.
+// Math is float32 inside; activations and the cache may be float32 or bfloat16. int4_dequantize unpacks int4
+// weights to bfloat16 for long prefills, where a bf16 GEMM beats the int4 kernel.
 
 #include <torch/extension.h>
 
@@ -36,7 +39,8 @@ template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum), in plain arithmetic so loops over it vectorize
 // (libm's expf is a call per element): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
-// (error below 1e-8 relative), 2^n put into the exponent bits. Flushes to 0 below e^-87.
+// (error below 1e-8 relative), 2^n put into the exponent bits. x is clamped at -87 (e^-87 ~ 1.6e-38: nothing
+// next to the maximum's weight of 1).
 inline float exp_nonpositive(float x) {
   x = x < -87.f ? -87.f : x;
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
