@@ -97,6 +97,10 @@ class SlotDecoder:
         # mask, kept alive so its id stays unique; its ids; a head over them), or None when the set is too large
         # for a separate copy of its rows to pay off.
         self._heads: dict[object, object] = model.head_cache
+        version = _version(model.head_weight())  # weights changed in place since (training): rebuild
+        if self._heads.get("version") != version:
+            self._heads.clear()
+            self._heads["version"] = version
         self.device = model.head_weight().device
         self.max_seq_len = max_seq_len
         # gpa's C++ decode kernels (model.native_decode, CPU): they read a bfloat16 cache wherever the linear
@@ -233,6 +237,14 @@ class SlotDecoder:
         tokens = sample_next(logits, [s.request.params for s in states], [s.generator for s in states])
         for s, t in zip(states, tokens.tolist(), strict=True):
             s.record(t)
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s in-place modification counter (None for inference tensors, which cannot be modified)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def iter_generate(model: GPALM, requests: Sequence[GenerationRequest], max_seq_len: int | None = None
