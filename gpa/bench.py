@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpa import native
 from gpa.api import GPA, LLM_DTYPES, Voice
 from gpa.config import Task
 from gpa.engine import AudioChunk, Engine, EngineConfig, EngineRequest, StreamConfig, TextDelta
@@ -224,6 +225,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,  # largest vLLM process
         "backend": cfg.backend,
+        "native_kernels_used": native.loaded() is not None,  # native_decode asked for them; False: not buildable
         "tts": tts,
         "asr": asr,
         "transformers_baseline": baseline,

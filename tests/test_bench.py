@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gpa import native
 from gpa.bench import BenchConfig, run
 
 
@@ -30,5 +31,6 @@ def test_bench_cli_passes_the_speed_settings(mini_dir, capsys):
     config = report["config"]
     assert (config["quantize"], config["tokenizer_dtype"], config["inline_vocoder"]) == ("int4", "bfloat16", True)
     assert config["native_decode"] is True
+    assert report["native_kernels_used"] is (native.unavailable_reason() is None)
     assert (config["lookahead"], config["chunk"], config["first_chunk"]) == (2, 4, 2)
     assert report["tts_rtf_c1"] > 0 and report["asr_rtf"] > 0
