@@ -44,7 +44,7 @@ class BenchConfig:
     first_chunk: int = 5  # frames in the first audio chunk
     chunk: int = 10  # the largest chunk (chunks double from first_chunk up to it)
     vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (float32 as loaded) or "bfloat16"
-    inline_vocoder: bool = False  # EngineConfig.inline_vocoder: audio decoded on the decode loop's thread
+    inline_vocoder: bool | None = None  # EngineConfig.inline_vocoder: audio on the decode loop's thread (None: auto)
     tokenizer_dtype: str | None = None  # audio tokenizers: None (the checkpoint's choice, float32) or "bfloat16"
     native_decode: bool = False  # decode steps through gpa's C++ kernels (gpa.native)
     baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
@@ -226,6 +226,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,  # largest vLLM process
         "backend": cfg.backend,
         "native_kernels_used": native.loaded() is not None,  # native_decode asked for them; False: not buildable
+        "inline_vocoder_used": EngineConfig(inline_vocoder=cfg.inline_vocoder).resolved_inline_vocoder(),
         "tts": tts,
         "asr": asr,
         "transformers_baseline": baseline,

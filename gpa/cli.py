@@ -134,8 +134,9 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                    help="BiCodec decoding precision (default: as loaded, float32)")
     p.add_argument("--tokenizer-dtype", default=None, choices=["float32", "bfloat16"],
                    help="audio tokenizers' precision (default: the checkpoint's inference.json, else float32)")
-    p.add_argument("--inline-vocoder", action="store_true",
-                   help="decode audio on the decode loop's thread between steps (fewer busy threads than cores)")
+    p.add_argument("--inline-vocoder", default=None, action=argparse.BooleanOptionalAction,
+                   help="decode audio on the decode loop's thread between steps (default: when torch runs at most "
+                        "2 threads)")
     p.add_argument("--native-decode", action="store_true",
                    help="decode steps through gpa's C++ CPU kernels (compiled once, ~30 s)")
     p.add_argument("--baseline-tokens", type=int, default=100,
@@ -221,8 +222,9 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--voices-dir", type=Path, default=None,
                    help="where saved voices live (default: $XDG_DATA_HOME/gpa/voices)")
     p.add_argument("--max-slots", type=int, default=8, help="sequences decoded together (KV-cache rows)")
-    p.add_argument("--inline-vocoder", action="store_true",
-                   help="decode audio on the decode loop's thread between steps (faster on 2-core CPUs)")
+    p.add_argument("--inline-vocoder", default=None, action=argparse.BooleanOptionalAction,
+                   help="decode audio on the decode loop's thread between steps (default: when torch runs at most "
+                        "2 threads; faster on 2-core CPUs)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
     p.add_argument("--max-seq-len", type=int, default=4096, help="prompt + output tokens per slot")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests handled at once before 429s")

@@ -30,7 +30,7 @@ def test_bench_cli_passes_the_speed_settings(mini_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     config = report["config"]
     assert (config["quantize"], config["tokenizer_dtype"], config["inline_vocoder"]) == ("int4", "bfloat16", True)
-    assert config["native_decode"] is True
+    assert config["native_decode"] is True and report["inline_vocoder_used"] is True
     assert report["native_kernels_used"] is (native.unavailable_reason() is None)
     assert (config["lookahead"], config["chunk"], config["first_chunk"]) == (2, 4, 2)
     assert report["tts_rtf_c1"] > 0 and report["asr_rtf"] > 0

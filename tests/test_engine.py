@@ -57,7 +57,7 @@ def test_concurrent_requests_equal_single_requests(model, voice, golden_inputs):
     asr_inputs = [golden_inputs["long_16k"], golden_inputs["quiet_24k"]]
 
     async def main():
-        async with Engine(model, EngineConfig(max_slots=3)) as eng:
+        async with Engine(model, EngineConfig(max_slots=3, inline_vocoder=False)) as eng:  # the vocoder thread
             jobs = [eng.tts(t, voice, stream=False, **SAMPLED) for t in texts]
             jobs += [eng.vc(s, voice, stream=False, **SAMPLED) for s in sources]
             jobs += [eng.asr(a, max_new_tokens=30) for a in asr_inputs]
@@ -116,6 +116,19 @@ def test_streamed_audio_equals_offline_decode(model, voice, config):
     wav, _ = model.tts("Hello there.", voice, **options)  # offline: one decode of all codes, DC removed
     assert len(streamed) == len(wav) == n * 320
     assert np.allclose(streamed - streamed.mean(), wav, atol=1e-5)
+
+
+def test_inline_vocoder_is_the_default_on_two_threads():
+    from gpa.engine.engine import INLINE_VOCODER_MAX_THREADS
+
+    threads = torch.get_num_threads()
+    assert EngineConfig().resolved_inline_vocoder() is (threads <= INLINE_VOCODER_MAX_THREADS)
+    assert EngineConfig(inline_vocoder=False).resolved_inline_vocoder() is False
+    torch.set_num_threads(INLINE_VOCODER_MAX_THREADS + 1)
+    try:
+        assert EngineConfig().resolved_inline_vocoder() is False
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_inline_vocoder_streams_the_same_audio(model, voice, golden_inputs):
