@@ -270,6 +270,7 @@ class GPALM(nn.Module):
         self.weight_quant = "none"  # "int8" or "int4" after gpa.quant.quantize_weights (set by the loader)
         self.native_decode = False  # decode steps through gpa's C++ kernels (gpa.native; set by the loader)
         self.head_cache: dict[object, object] = {}  # output heads built for decoding (gpa.generation.SlotDecoder)
+        self._native_args: tuple[list, ...] | None = None  # decode_native's per-layer lists (while fused)
         self.model = Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
@@ -294,6 +295,7 @@ class GPALM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fused = None
             layer.mlp.fused = None
+        self._native_args = None  # they hold the fused projections
         return self
 
     @property
@@ -376,27 +378,28 @@ class GPALM(nn.Module):
         Returns:
             (B, C) final-norm hidden states (float32, or bfloat16 with quantized weights).
         """
-        layers, eps = self.model.layers, self.config.rms_norm_eps
+        if self._native_args is None:
+            self._native_args = self._trunk_args()
         cos, sin = self.rope.table(int(positions.max()), torch.float32, ids.device)
+        x = self.model.embed_tokens(ids).float()  # (B, C): the residual stream
+        attn = self.model.layers[0].self_attn
+        return ops.decode_trunk(x, *self._native_args, self.config.rms_norm_eps, cos[:, 0], sin[:, 0], positions,
+                                slots, cache.k, cache.v, attn.n_heads, attn.n_kv, self.linear_input_dtype())
+
+    def _trunk_args(self) -> tuple[list, ...]:
+        """decode_trunk's per-layer lists (weights, scales, kinds, params, norms, QK-norms), built once per fusing."""
         weights, scales, kinds, params, norms = [], [], [], [], []
-        for layer in layers:
+        for layer in self.model.layers:
             for linear in (layer.self_attn.fused.proj, layer.self_attn.o_proj, layer.mlp.fused.proj,
                            layer.mlp.down_proj):
                 # gpa.quant's layers describe themselves (kind, weight, scales, param); nn.Linear is kind 0
                 spec = linear.native_spec() if hasattr(linear, "native_spec") else (0, linear.weight, _NO_SCALES, 0)
                 for out, value in zip((kinds, weights, scales, params), spec, strict=True):
                     out.append(value)
-            norms += [self._f32(layer.input_layernorm.weight), self._f32(layer.post_attention_layernorm.weight)]
-        norms.append(self._f32(self.model.norm.weight))
-        qk_norms = [self._f32(layer.self_attn.fused.norm) for layer in layers]
-        x = self.model.embed_tokens(ids).float()  # (B, C): the residual stream
-        attn = layers[0].self_attn
-        return ops.decode_trunk(x, weights, scales, kinds, params, norms, qk_norms, eps, cos[:, 0], sin[:, 0],
-                                positions, slots, cache.k, cache.v, attn.n_heads, attn.n_kv, self.linear_input_dtype())
-
-    @staticmethod
-    def _f32(t: Tensor) -> Tensor:
-        return t if t.dtype == torch.float32 else t.float()
+            norms += [layer.input_layernorm.weight.float(), layer.post_attention_layernorm.weight.float()]
+        norms.append(self.model.norm.weight.float())
+        qk_norms = [layer.self_attn.fused.norm.float() for layer in self.model.layers]
+        return weights, scales, kinds, params, norms, qk_norms
 
     def _mask(self, positions: Tensor, cache: KVCache | None, padding_mask: Tensor | None, max_pos: int
               ) -> Tensor | bool:
