@@ -73,10 +73,9 @@ def sample_next(
         candidates = torch.nonzero(row > float("-inf")).flatten()
         sub = row[candidates][None] / sp.temperature
         if sp.top_k is not None and sp.top_k < sub.shape[-1]:
-            # Keep only the k largest (top_k_filter's survivors, ties at the k-th included): top-p then sorts
-            # and the draw runs over k values, not the task's thousands (8193 for TTS).
-            kth = torch.topk(sub, sp.top_k, dim=-1).values[..., -1:]
-            keep = torch.nonzero(sub[0] >= kth[0]).flatten()
+            # Keep only top_k_filter's survivors: top-p then sorts and the draw runs over k values, not the
+            # task's thousands (8193 for TTS).
+            keep = torch.nonzero(top_k_filter(sub, sp.top_k)[0] > float("-inf")).flatten()
             candidates, sub = candidates[keep], sub[:, keep]
         sub = top_p_filter(sub, sp.top_p)
         probs = sub.float().softmax(-1)
