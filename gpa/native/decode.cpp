@@ -485,8 +485,6 @@ Tensor int4_dequantize(const Tensor& weight, const Tensor& scale_zero, int64_t g
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode", &attend_decode, "QK-norm, RoPE, KV write and attention for one token per row");
-  m.def("add_rms_norm", &add_rms_norm, "residual += delta; RMSNorm(residual) * weight");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (B, 2 I) gate/up output");
   m.def("decode_trunk", &decode_trunk, "every decoder layer for one token per row");
   m.def("int4_dequantize", &int4_dequantize, "an int4 layer's weights as bfloat16 (out, in)");
 }
