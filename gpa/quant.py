@@ -28,6 +28,8 @@ INT8_KERNEL_MAX_ROWS = 24  # measured here (0.3B, whole forward): the int8 kerne
 INT4_KERNEL_MAX_ROWS = 256  # measured here (0.3B, all 28 layers): unpacking every weight to bf16 costs ~0.4-0.5 s,
 # the int4 kernel 2.7 ms per row; at 256 rows they tie (714 vs 741 ms), at ASR's ~630-row prefill the bf16 GEMM wins
 INT4_NATIVE_MAX_ROWS = 64  # the same with gpa.native's unpacking (84 ms for all 28 layers): they tie at 64 rows
+INT4_BF16_MAX_ROWS = 512  # gpa.native's int4_matmul (AVX512-BF16) against unpacking + the bf16 GEMM, 28 layers:
+# 8 rows 14 vs 23 ms for torch's int4 kernel; 256 rows 325 vs 400 ms; 512: 640 vs 658; 640: 800 vs 800
 INT4_GROUP = 64  # inputs per scale/offset: 32 was 1.7x slower here, 128 and 256 less accurate (9.9 %, 10.9 %)
 INT4_ROW_BLOCK = 64  # the kernel packs rows in blocks of 64: a layer's (and a fused part's) rows are a multiple
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -162,7 +164,10 @@ class Int4Linear(_PackedLinear):
         return 2, self.weight, self.scale_zero, INT4_GROUP
 
     def _product(self, flat: Tensor) -> Tensor:
-        limit = INT4_KERNEL_MAX_ROWS if native.loaded() is None else INT4_NATIVE_MAX_ROWS
+        ops = native.loaded()
+        if ops is not None and hasattr(ops, "int4_matmul") and flat.shape[0] <= INT4_BF16_MAX_ROWS:
+            return ops.int4_matmul(flat, self.weight, self.scale_zero)
+        limit = INT4_KERNEL_MAX_ROWS if ops is None else INT4_NATIVE_MAX_ROWS
         if flat.shape[0] > limit:  # prefill: the bf16 GEMM on weights unpacked now is faster
             return F.linear(flat, self.dequantized())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scale_zero)

@@ -161,3 +161,29 @@ def test_int4_dequantize_equals_torch_unpacking(ops):
         fast, plain = layer.dequantized(), layer.unpacked()
         assert fast.dtype == torch.bfloat16 and fast.shape == plain.shape
         assert rel_err(fast.float(), plain.float()) < 4e-3
+
+
+def test_int4_matmul_equals_torch_int4_kernel(ops):
+    """int4_matmul (AVX512-BF16: integer nibbles as bf16, scales per group afterwards) against torch's int4 kernel
+    and the unpacked weights' product, at row counts that exercise every remainder of its 8-row tiles, fused
+    layers included; its errors name the problem."""
+    if not hasattr(ops, "int4_matmul"):
+        pytest.skip("int4_matmul needs AVX512-BF16 and AVX512-VBMI (torch's int4 kernel runs instead)")
+    from gpa.quant import INT4_GROUP, Int4Linear
+
+    g = torch.Generator().manual_seed(0)
+    parts = [Int4Linear(torch.randn(n, 3 * INT4_GROUP, generator=g)) for n in (128, 64)]
+    for layer in (*parts, Int4Linear.fuse(parts)):
+        for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 21):
+            x = torch.randn(rows, layer.in_features, generator=g).bfloat16()
+            got = ops.int4_matmul(x, layer.weight, layer.scale_zero)
+            torch_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.weight, INT4_GROUP, layer.scale_zero)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, layer.out_features)
+            assert rel_err(got.float(), torch_kernel.float()) < 2e-3, rows  # both float32 sums, rounded to bf16
+            assert rel_err(got.float(), x.float() @ layer.unpacked().float().T) < 1e-2, rows
+            assert torch.equal(got[-1:], ops.int4_matmul(x[-1:], layer.weight, layer.scale_zero))  # rows independent
+    layer = parts[0]
+    with pytest.raises(RuntimeError, match="x: \\(rows, in\\) bfloat16"):
+        ops.int4_matmul(torch.randn(2, layer.in_features), layer.weight, layer.scale_zero)
+    with pytest.raises(RuntimeError, match="int4_matmul: x is \\(rows, 128\\), weight \\(128, 96\\)"):
+        ops.int4_matmul(torch.randn(2, 128).bfloat16(), layer.weight, layer.scale_zero)

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #if defined(__AVX512BF16__)
@@ -390,10 +391,139 @@ Tensor silu_mul(const Tensor& gate_up) {
   return out;
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#define GPA_INT4_BF16 1
+// int4 weights times a few bfloat16 rows, with AVX512-BF16. torch's int4 kernel computes in float32 and at 8 rows
+// is bound by arithmetic. Here the weights stay integers: a nibble q becomes the bfloat16 128 + q exactly (bits
+// 0x4300 | q), so the products run as bf16 pairs with float32 sums (vdpbf16ps, 32 per instruction, no float
+// arithmetic per weight) and each group's scale and offset are applied once per group; since w = (q - 8) * scale
+// + zero:
+//   out[m, j] = sum_g scale[g, j] * S[m, g, j] + (zero[g, j] - 136 scale[g, j]) * xsum[m, g],
+//   S[m, g, j] = sum over the group's inputs k of (128 + q[j, k]) * x[m, k],  xsum[m, g] = sum of those x[m, k].
+// In torch's layout (per block of 64 rows, input k's 32 bytes hold rows j (low nibble) and j + 32 (high)), inputs
+// k and k + 1 of a block share one 64-byte line, and one byte permutation turns a half block's 16 bytes of each
+// into the 16 lanes' (k, k + 1) pairs: rows 16 h + i from the low nibbles, 32 + 16 h + i from the high ones.
+constexpr int64_t kInt4Group = 64;
+constexpr int64_t kRowTile = 8;  // rows of x per pass over a half block: 8 x 2 group sums in registers
+
+inline __m512 bf16_high_half(__m512i pairs) {  // the bf16 in each dword's high 16 bits, as float32
+  return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline __m512 bf16_low_half(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+
+template <int MT>
+void int4_half_block(const uint8_t* block, const c10::BFloat16* sz, int64_t n, int64_t row0, int half, int64_t groups,
+                     const c10::BFloat16* x, int64_t k, const float* xsum, c10::BFloat16* out) {
+  alignas(64) uint8_t idx_bytes[64];
+  for (int i = 0; i < 16; ++i) {
+    idx_bytes[4 * i] = static_cast<uint8_t>(16 * half + i);
+    idx_bytes[4 * i + 2] = static_cast<uint8_t>(32 + 16 * half + i);
+    idx_bytes[4 * i + 1] = idx_bytes[4 * i + 3] = 0;
+  }
+  const __m512i idx = _mm512_load_si512(idx_bytes);
+  const __mmask64 even = 0x5555555555555555ULL;  // each word's high byte zeroed
+  const __m512i low4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+  const __m512 offset = _mm512_set1_ps(-136.f);
+  const int64_t lo_row = row0 + 16 * half, hi_row = row0 + 32 + 16 * half;
+  alignas(64) float tot[MT][32] = {};  // the totals (lo rows, then hi rows): in L1, touched once per group
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 s_lo[MT], s_hi[MT];
+    for (int m = 0; m < MT; ++m) s_lo[m] = s_hi[m] = _mm512_setzero_ps();
+    const uint8_t* bytes = block + g * kInt4Group * 32;
+    const c10::BFloat16* xg = x + g * kInt4Group;
+    for (int64_t p = 0; p < kInt4Group / 2; ++p) {
+      const __m512i words = _mm512_maskz_permutexvar_epi8(even, idx, _mm512_loadu_si512(bytes + p * 64));
+      const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(words, low4, bias, 0xEA);  // (a & b) | c
+      const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), bias);
+      for (int m = 0; m < MT; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, xg + m * k + 2 * p, sizeof(pair));
+        const __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);
+        s_lo[m] = _mm512_dpbf16_ps(s_lo[m], lo, xp);
+        s_hi[m] = _mm512_dpbf16_ps(s_hi[m], hi, xp);
+      }
+    }
+    // (scale, zero) bf16 pairs of 16 rows: 64 bytes each side
+    const __m512i pl = _mm512_loadu_si512(sz + (g * n + lo_row) * 2), ph = _mm512_loadu_si512(sz + (g * n + hi_row) * 2);
+    const __m512 scale_lo = bf16_low_half(pl), scale_hi = bf16_low_half(ph);
+    const __m512 zero_lo = _mm512_fmadd_ps(offset, scale_lo, bf16_high_half(pl));
+    const __m512 zero_hi = _mm512_fmadd_ps(offset, scale_hi, bf16_high_half(ph));
+    for (int m = 0; m < MT; ++m) {
+      const __m512 xs = _mm512_set1_ps(xsum[m * groups + g]);
+      _mm512_store_ps(tot[m], _mm512_fmadd_ps(zero_lo, xs, _mm512_fmadd_ps(s_lo[m], scale_lo, _mm512_load_ps(tot[m]))));
+      _mm512_store_ps(tot[m] + 16,
+                      _mm512_fmadd_ps(zero_hi, xs, _mm512_fmadd_ps(s_hi[m], scale_hi, _mm512_load_ps(tot[m] + 16))));
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * n + lo_row),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tot[m])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * n + hi_row),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tot[m] + 16)));
+  }
+}
+
+// x (M, K) bfloat16 @ an int4 layer's weights (torch's CPU packing: weight (N, K / 2) uint8, scale_zero (K / 64, N, 2)
+// bfloat16) -> (M, N) bfloat16.
+Tensor int4_matmul(const Tensor& x_in, const Tensor& weight, const Tensor& scale_zero) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "x: (rows, in) bfloat16");
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.is_contiguous(),
+              "weight: a contiguous (out, in / 2) uint8 tensor");
+  const auto x = x_in.contiguous();
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0), groups = k / kInt4Group;
+  TORCH_CHECK(weight.size(1) * 2 == k && n % 64 == 0 && k % kInt4Group == 0, "int4_matmul: x is (rows, ", k,
+              "), weight (", n, ", ", weight.size(1), "); out must be a multiple of 64, in of ", kInt4Group);
+  TORCH_CHECK(scale_zero.scalar_type() == at::kBFloat16 && scale_zero.is_contiguous() && scale_zero.dim() == 3 &&
+              scale_zero.size(0) == groups && scale_zero.size(1) == n && scale_zero.size(2) == 2,
+              "scale_zero: a contiguous (in / 64, out, 2) bfloat16 tensor");
+  auto out = at::empty({rows, n}, x.options());
+  std::vector<float> xsum(rows * groups);
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t c = 0; c < kInt4Group; ++c) s += to_f(xp[m * k + g * kInt4Group + c]);
+      xsum[m * groups + g] = s;
+    }
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const c10::BFloat16* sz = scale_zero.data_ptr<c10::BFloat16>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n / 64 * 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task / 2;
+      const int half = static_cast<int>(task % 2);
+      const uint8_t* block = w + blk * 64 * (k / 2);
+      for (int64_t m = 0; m < rows; m += kRowTile) {
+        const c10::BFloat16* xm = xp + m * k;
+        const float* xs = xsum.data() + m * groups;
+        c10::BFloat16* om = o + m * n;
+        switch (std::min<int64_t>(kRowTile, rows - m)) {
+          case 8: int4_half_block<8>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+          case 7: int4_half_block<7>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+          case 6: int4_half_block<6>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+          case 5: int4_half_block<5>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+          case 4: int4_half_block<4>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+          case 3: int4_half_block<3>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+          case 2: int4_half_block<2>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+          default: int4_half_block<1>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+#endif
+
 // A linear layer of any of gpa's weight formats: kind 0 dense (at::linear); 1 int8 with per-row scales, its
-// kernel up to `param` rows, dequantized to bf16 beyond; 2 int4 in groups of `param` inputs.
+// kernel up to `param` rows, dequantized to bf16 beyond; 2 int4 in groups of `param` inputs (int4_matmul where
+// the CPU has AVX512-BF16, torch's kernel elsewhere).
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t kind, int64_t param) {
-  if (kind == 2) return at::_weight_int4pack_mm_for_cpu(x, w, param, scales);
+  if (kind == 2) {
+#if defined(GPA_INT4_BF16)
+    if (param == kInt4Group && x.scalar_type() == at::kBFloat16) return int4_matmul(x, w, scales);
+#endif
+    return at::_weight_int4pack_mm_for_cpu(x, w, param, scales);
+  }
   if (kind == 1) {
     if (x.size(0) <= param) return at::_weight_int8pack_mm(x, w, scales);
     return at::linear(x, w.to(at::kBFloat16) * scales.unsqueeze(1));
@@ -486,5 +616,8 @@ Tensor int4_dequantize(const Tensor& weight, const Tensor& scale_zero, int64_t g
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode", &attend_decode, "QK-norm, RoPE, KV write and attention for one token per row");
   m.def("decode_trunk", &decode_trunk, "every decoder layer for one token per row");
+#if defined(GPA_INT4_BF16)
+  m.def("int4_matmul", &int4_matmul, "bfloat16 rows times an int4 layer's weights (AVX512-BF16)");
+#endif
   m.def("int4_dequantize", &int4_dequantize, "an int4 layer's weights as bfloat16 (out, in)");
 }
