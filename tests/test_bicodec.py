@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from conftest import rel_err
 from safetensors.torch import load_file, save_file
@@ -248,3 +249,30 @@ def test_bfloat16_decoding_is_close_to_float32(mini_dir, codec, golden):
         assert 25 < snr < 60, f"{name}: bf16 SNR {snr:.1f} dB"  # close, and really bf16
     with pytest.raises(ValueError, match="floating point"):
         fast.set_decode_dtype(torch.int8)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "frames"), [(16, 8, 5), (11, 5, 7), (4, 2, 1), (3, 2, 9)])
+def test_transposed_conv_equals_torch_and_tracks_weight_changes(kernel, stride, frames):
+    """The overlap-add of whole tap blocks equals torch's conv_transpose1d (float64), whole and partial last
+    blocks (k not a multiple of the stride); the cached tap matrix follows in-place updates and dtype moves,
+    and gradients flow while training."""
+    from gpa.codecs.bicodec_layers import tap_matrix, transposed_conv
+
+    g = torch.Generator().manual_seed(kernel)
+    x = torch.randn(2, 6, frames, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 4, kernel, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    assert torch.allclose(transposed_conv(x, w, b, stride), F.conv_transpose1d(x, w, b, stride=stride), atol=1e-12)
+    assert tap_matrix(w) is tap_matrix(w)  # built once
+    w.mul_(-2)  # in place: the cache is rebuilt
+    assert torch.allclose(transposed_conv(x, w, None, stride), F.conv_transpose1d(x, w, stride=stride), atol=1e-12)
+    conv = torch.nn.ConvTranspose1d(6, 4, kernel, stride=stride).double()
+    with torch.no_grad():
+        first = transposed_conv(x, conv.weight, conv.bias, stride)
+    conv.float()
+    with torch.no_grad():
+        moved = transposed_conv(x.float(), conv.weight, conv.bias, stride)
+    assert moved.dtype == torch.float32 and torch.allclose(moved.double(), first, atol=1e-5)
+    conv.double()
+    transposed_conv(x, conv.weight, conv.bias, stride).square().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpa import native
+
 LN_EPS = 1e-6  # every LayerNorm in the Vocos backbones
 
 
@@ -112,6 +114,10 @@ class Snake1d(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = native.loaded()  # bf16 decoding with gpa's kernels loaded: one fused pass in float32, rounded once
+        if ops is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad)):
+            return ops.snake(x, self.alpha)
         return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
 
 
