@@ -211,15 +211,15 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     bandwidth = memory_bandwidth_gbs()
     bound = bandwidth * 1e9 / decode_bytes_per_token(model, model.bicodec.semantic_codebook_size + 1)
     baseline = transformers_baseline(cfg.model, model, voice, cfg.baseline_tokens) if cfg.baseline_tokens else {}
-    c1 = by_c.get(1, tts[0])
+    c1 = by_c.get(1, {})  # the c=1 figures are None when concurrency 1 was not run
     vllm = _vllm_options(cfg, model)
     report = {
-        "tts_rtf_c1": c1["rtf_mean"],
-        "tts_ttfa_ms_c1": c1["ttfa_ms_p50"],
+        "tts_rtf_c1": c1.get("rtf_mean"),
+        "tts_ttfa_ms_c1": c1.get("ttfa_ms_p50"),
         "tts_xrealtime_c8": by_c[8]["xrealtime"] if 8 in by_c else None,
         "asr_rtf": asr["rtf"],
-        "tts_speedup_vs_transformers": baseline["rtf"] / c1["rtf_mean"] if "rtf" in baseline else None,
-        "decode_tokens_per_s_c1": c1["llm_tokens_per_s"],
+        "tts_speedup_vs_transformers": baseline["rtf"] / c1["rtf_mean"] if "rtf" in baseline and c1 else None,
+        "decode_tokens_per_s_c1": c1.get("llm_tokens_per_s"),
         "decode_bound_tokens_per_s": bound,
         "memory_bandwidth_gbs": bandwidth,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

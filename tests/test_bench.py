@@ -34,3 +34,12 @@ def test_bench_cli_passes_the_speed_settings(mini_dir, capsys):
     assert report["native_kernels_used"] is (native.unavailable_reason() is None)
     assert (config["lookahead"], config["chunk"], config["first_chunk"]) == (2, 4, 2)
     assert report["tts_rtf_c1"] > 0 and report["asr_rtf"] > 0
+
+
+def test_bench_without_concurrency_one_reports_no_c1_figures(mini_dir):
+    """The c=1 figures belong to concurrency 1: without it they are None, not another concurrency's numbers."""
+    report = run(BenchConfig(mini_dir, concurrency=(2,), tts_tokens=8, asr_seconds=1.0, baseline_tokens=0))
+    assert [r["concurrency"] for r in report["tts"]] == [2] and report["tts"][0]["rtf_mean"] > 0
+    for key in ("tts_rtf_c1", "tts_ttfa_ms_c1", "decode_tokens_per_s_c1", "tts_speedup_vs_transformers",
+                "tts_xrealtime_c8"):
+        assert report[key] is None, key
