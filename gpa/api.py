@@ -108,9 +108,10 @@ class GPA:
                 VC and reference voices) under bf16 autocast, ~2.2x faster on CPU; a few codes change
                 (GPA-nano, real speech: 99.7 % of prompt ids unchanged; see the README).
             native_decode: run decode steps through gpa's C++ kernels (:mod:`gpa.native`, CPU; compiled once,
-                ~30 s; torch's path where they cannot be built): 0.3B int4 decode step 23.3 -> 11.9 ms at 300
+                ~30 s; torch's path where they cannot be built): 0.3B int4 decode step 23.3 -> ~10 ms at 300
                 tokens of context (``bench/decode_step.py --native``). With int8/int4 weights or a bf16 model
-                the KV cache is then bfloat16.
+                the KV cache is then bfloat16. Once loaded, the kernels also serve int4 products (AVX512-BF16)
+                and a bf16 decoder's Snake activations.
             quantize, vocoder_dtype, tokenizer_dtype, native_decode and dtype left None take the checkpoint's
             ``inference.json`` settings for the device type (the bundled GPA-nano asks for int8, a bfloat16
             decoder, float32 activations and the native kernels on CPU), else the defaults above.

@@ -108,7 +108,9 @@ class Int4Linear(_PackedLinear):
     ``weight``: (out, in / 2) uint8, two 4-bit values per byte in the kernel's row-block layout;
     ``scale_zero``: (in / INT4_GROUP, out, 2) bfloat16, so that a weight is ``(q - 8) * scale + zero``
     with q in 0..15. The product runs on bf16 inputs (the kernel's float32 path was ~8x slower here)
-    and returns in the activations' dtype. CPU only.
+    and returns in the activations' dtype: up to INT4_BF16_MAX_ROWS rows through gpa.native's
+    ``int4_matmul`` once the kernels are loaded (AVX512-BF16; same packing, float32 sums), else
+    torch's int4 kernel, or the bf16 GEMM on unpacked weights for long prefills. CPU only.
     """
 
     def __init__(self, weight: Tensor) -> None:

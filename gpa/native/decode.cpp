@@ -8,9 +8,11 @@
 //     and a bfloat16 cache, the products run as bf16 pairs with float32 sums;
 //   add_rms_norm: the residual add and the next RMSNorm in one pass;
 //   silu_mul: SwiGLU's activation over the fused gate/up output;
-//   linear: torch's dense, int8 or int4 kernel, whichever the layer's weights are.
+//   linear: torch's dense or int8 kernel, or int4_matmul (below; torch's int4 kernel without AVX512-BF16),
+//     whichever the layer's weights are.
 // Math is float32 inside; activations and the cache may be float32 or bfloat16. int4_dequantize unpacks int4
-// weights to bfloat16 for long prefills, where a bf16 GEMM beats the int4 kernel.
+// weights to bfloat16 for long prefills, where a bf16 GEMM beats the int4 product. Beside the decode step:
+// snake, BiCodec's Snake activation fused for bf16 audio decoding.
 
 #include <torch/extension.h>
 
