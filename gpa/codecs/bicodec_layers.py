@@ -6,6 +6,8 @@ Module and parameter names follow the BiCodec checkpoint, so ``state_dict`` keys
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +28,13 @@ class AdaLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C), cond: (B, condition_dim) -> (B, T, C)."""
-        scale, shift = self.scale(cond), self.shift(cond)  # (B, C)
-        x = F.layer_norm(x, (self.dim,), eps=LN_EPS)
-        return x * scale[:, None] + shift[:, None]
+        return self.fixed(cond)(x)
+
+    def fixed(self, cond: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This norm for one condition (B, condition_dim), its scale and shift computed once: a stream's
+        decoder applies it to every block of frames (BiCodec: 26 such norms)."""
+        scale, shift = self.scale(cond)[:, None], self.shift(cond)[:, None]  # (B, 1, C)
+        return lambda x: F.layer_norm(x, (self.dim,), eps=LN_EPS) * scale + shift
 
 
 def _norm(dim: int, condition_dim: int | None) -> nn.Module:
@@ -38,6 +44,11 @@ def _norm(dim: int, condition_dim: int | None) -> nn.Module:
 def apply_norm(norm: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """Apply a LayerNorm or an AdaLayerNorm (with ``cond``) to x: (B, T, C)."""
     return norm(x, cond) if isinstance(norm, AdaLayerNorm) else norm(x)
+
+
+def fixed_norm(norm: nn.Module, cond: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`apply_norm` for one condition, as a function of x (an AdaLayerNorm's scale and shift computed now)."""
+    return norm.fixed(cond) if isinstance(norm, AdaLayerNorm) else norm
 
 
 class ConvNeXtBlock(nn.Module):
@@ -55,10 +66,15 @@ class ConvNeXtBlock(nn.Module):
         """x: (B, C, T) -> (B, C, T)."""
         return x + self.branch(self.dwconv(x), cond)
 
-    def branch(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The per-frame rest of the residual branch: dwconv output (B, C, T) -> (B, C, T)."""
+    def branch(self, y: torch.Tensor, cond: torch.Tensor | None = None,
+               norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The per-frame rest of the residual branch: dwconv output (B, C, T) -> (B, C, T).
+
+        ``norm``: this block's norm already fixed to the condition (:func:`fixed_norm`), instead of ``cond``.
+        """
         y = y.transpose(1, 2)  # (B, T, C)
-        y = self.pwconv2(F.gelu(self.pwconv1(apply_norm(self.norm, y, cond))))
+        y = norm(y) if norm is not None else apply_norm(self.norm, y, cond)
+        y = self.pwconv2(F.gelu(self.pwconv1(y)))
         return (self.gamma * y).transpose(1, 2)
 
 

@@ -28,7 +28,7 @@ from gpa.codecs.bicodec_layers import (
     Snake1d,
     VocosBackbone,
     WaveGenerator,
-    apply_norm,
+    fixed_norm,
     transposed_conv,
 )
 
@@ -252,14 +252,15 @@ def _transposed(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.T
 
 
 def _convnext(block: ConvNeXtBlock, cond: torch.Tensor | None) -> Op:
-    return Residual(Chain([Conv(block.dwconv), Pointwise(lambda y: block.branch(y, cond))]))
+    norm = fixed_norm(block.norm, cond)  # the condition's scale and shift once per stream, not per block of frames
+    return Residual(Chain([Conv(block.dwconv), Pointwise(lambda y: block.branch(y, norm=norm))]))
 
 
 def _backbone(m: VocosBackbone, cond: torch.Tensor | None) -> Chain:
     """(B, C_in, T) -> (B, C, T); the offline module returns (B, T, C)."""
     return Chain([
         Conv(m.embed),
-        Pointwise(_transposed(lambda y: apply_norm(m.norm, y, cond))),
+        Pointwise(_transposed(fixed_norm(m.norm, cond))),
         *(_convnext(b, cond) for b in m.convnext),
         Pointwise(_transposed(m.final_layer_norm)),
     ])
@@ -283,6 +284,7 @@ def _wave_op(m: nn.Module) -> Op:
     raise TypeError(f"no incremental form for {type(m).__name__}")
 
 
+@torch.inference_mode()  # the norms' scales and shifts are computed here, for use inside push()
 def decoder_ops(codec: BiCodec, cond: torch.Tensor) -> Chain:
     """The decode path after the codebook lookup as ops: latents (B, C, T) -> waveform (B, 1, T * hop).
 
