@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpa import native
 from gpa.config import ModelConfig
 from gpa.kv_cache import KVCache
 
@@ -99,6 +100,7 @@ class CacheView:
     rows: Tensor | slice | None  # cache slots of the batch rows
     kv_len: int  # keys [0, kv_len) are attended to
     row_index: Tensor | None = None  # (B, 1) int64 slot of each row within ``rows``' view (write index)
+    ops: ModuleType | None = None  # gpa.native's kernels when the model decodes through them (prefill attention)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | bool) -> Tensor:
@@ -211,6 +213,11 @@ class Attention(nn.Module):
         k, v = cache.kv.write_read(cache.layer, cache.positions, k, v, cache.rows, cache.kv_len, cache.row_index)
         if T == 1 and isinstance(mask, Tensor) and mask.is_floating_point():
             return self.o_proj(attend_one(q.reshape(B, H, D), k, v, mask).view(B, 1, H * D))
+        if mask is True and k.dtype == torch.bfloat16 and cache.ops is not None and hasattr(cache.ops, "prefill_attention"
+                                                                                            ) and D in (32, 64, 128):
+            # a causal prefill over native decoding's bf16 cache: gpa.native's flash kernel (bf16 products, float32
+            # softmax) instead of converting the keys for torch's float32 one (0.3B, 629 tokens: ~0.35 vs ~0.49 s)
+            return self.o_proj(cache.ops.prefill_attention(q, k, v).view(B, T, H * D))
         if k.dtype != q.dtype:  # a bfloat16 cache under float32 activations (native decoding's cache)
             k, v = k.to(q.dtype), v.to(q.dtype)
         y = attend(q.transpose(1, 2), k, v, mask).transpose(1, 2)
@@ -347,7 +354,8 @@ class GPALM(nn.Module):
         if cache is not None:
             row_index = torch.arange(B, device=ids.device)[:, None] if cache_rows is None or isinstance(
                 cache_rows, slice) else cache_rows[:, None]
-            views = [CacheView(cache, i, positions, cache_rows, max_pos + 1, row_index)
+            ops = native.loaded() if self.native_decode else None
+            views = [CacheView(cache, i, positions, cache_rows, max_pos + 1, row_index, ops)
                      for i in range(len(self.model.layers))]
         for layer, view in zip(self.model.layers, views, strict=True):
             x = layer(x, rope_cs, mask, view)

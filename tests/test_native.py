@@ -225,3 +225,29 @@ def test_snake_kernel_and_bf16_decoding(ops, mini_dir, golden):
         dec = fast.incremental_decoder(glob)
         streamed = torch.cat([dec.push(sem[:, i : i + 7]) for i in range(0, sem.shape[1], 7)] + [dec.finish()], 1)
     assert rel_err(streamed[0], wav) < 5e-3  # 1.3e-3 measured: bf16 GEMMs block the sums by chunk length
+
+
+@pytest.mark.parametrize(("heads", "kv", "dim", "length", "offset", "q_dtype", "cache_dtype"), [
+    (16, 8, 128, 70, 0, torch.float32, torch.bfloat16),  # the 0.3B model's heads, a prefill from position 0
+    (5, 1, 64, 33, 9, torch.bfloat16, torch.bfloat16),  # GPA-nano's, queries after 9 cached positions
+    (2, 2, 32, 16, 0, torch.float32, torch.float32),
+])
+def test_prefill_attention_equals_reference(ops, heads, kv, dim, length, offset, q_dtype, cache_dtype):
+    """The flash prefill kernel against torch's causal attention in float32: query t sees keys [0, offset + t];
+    bf16 products and probabilities, float32 softmax; strided q as the model passes it; clear shape errors."""
+    if not hasattr(ops, "prefill_attention"):
+        pytest.skip("prefill_attention needs AVX512-BF16")
+    g = torch.Generator().manual_seed(dim)
+    qkv = torch.randn(2, length, heads + 2 * kv, dim, generator=g).to(q_dtype)
+    q = qkv[:, :, :heads]  # (B, T, H, D), strided like the fused projection's slice
+    k = torch.randn(2, kv, offset + length, dim, generator=g).to(cache_dtype)
+    v = torch.randn(2, kv, offset + length, dim, generator=g).to(cache_dtype)
+    got = ops.prefill_attention(q, k, v)
+    allowed = torch.ones(length, offset + length, dtype=torch.bool).tril(offset)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float().transpose(1, 2), k.float(), v.float(),
+                                                           attn_mask=allowed, enable_gqa=True).transpose(1, 2)
+    assert got.dtype == q_dtype and got.shape == q.shape
+    assert rel_err(got.float(), ref) < 5e-3
+    assert torch.equal(got[1:], ops.prefill_attention(q[1:], k[1:], v[1:]))  # rows independent
+    with pytest.raises(RuntimeError, match="prefill_attention: shapes"):
+        ops.prefill_attention(q, k[:, :, :length - 1], v[:, :, :length - 1])
