@@ -146,9 +146,42 @@ class SlotDecoder:
 
     @torch.inference_mode()
     def step(self, states: Sequence[SequenceState]) -> None:
-        """Feed each state's last token and sample its next one (all in one forward pass)."""
+        """Feed each state's last token and sample its next one (all in one forward pass).
+
+        Where every row is restricted to one id set with its own head (TTS/VC: 8193 of 180k ids) and its
+        filters can work on that set, the logits stay in it (n, K): penalties and sampling touch K values
+        per row, not the vocabulary (the same candidates in the same order, so the same tokens).
+        """
         states = sorted(states, key=lambda s: s.slot)
-        self._choose(states, self.step_logits(states))
+        compact = self._compact_head(states)
+        if compact is None:
+            self._choose(states, self.step_logits(states))
+            return
+        ids, head, index_of = compact
+        logits = head(self._hidden(states)).float()  # (n, K) over ids
+        for i, s in enumerate(states):
+            for f in s.request.filters:
+                f.apply_ids(logits[i : i + 1], ids, len(s.output))
+            seen = index_of[s.seen_ids]
+            repetition_penalty(logits[i], seen[seen >= 0], s.request.params.repetition_penalty)
+        chosen = sample_next(logits, [s.request.params for s in states], [s.generator for s in states])
+        for s, t in zip(states, ids[chosen].tolist(), strict=True):
+            s.record(t)
+
+    def _compact_head(self, states: Sequence[SequenceState]) -> tuple[Tensor, torch.nn.Module, Tensor] | None:
+        """(ids, head, index_of) when every row can be decided over one restricted head's ids, else None."""
+        allowed = states[0].request.allowed
+        if not self.restrict_head or allowed is None or any(s.request.allowed is not allowed for s in states):
+            return None
+        entry = self._head(allowed)
+        if entry is None or not all(f.supports_ids for s in states for f in s.request.filters):
+            return None
+        key = ("index", id(allowed))
+        if key not in self._heads:  # full id -> its column in the restricted logits, -1 where absent
+            index_of = torch.full((self.model.config.vocab_size,), -1, dtype=torch.long, device=self.device)
+            index_of[entry[1]] = torch.arange(len(entry[1]), device=self.device)
+            self._heads[key] = index_of
+        return entry[1], entry[2], self._heads[key]
 
     @torch.inference_mode()
     def copy_slots(self, sources: Sequence[int], targets: Sequence[int], length: int, start: int = 0) -> None:
@@ -165,6 +198,11 @@ class SlotDecoder:
     @torch.inference_mode()
     def step_logits(self, states: Sequence[SequenceState]) -> Tensor:
         """Feed each state's last token -> (n, V) next-token logits, rows in ``states``' order (unconstrained)."""
+        return self._logits(self._hidden(states), states)
+
+    @torch.inference_mode()
+    def _hidden(self, states: Sequence[SequenceState]) -> Tensor:
+        """Feed each state's last token -> (n, C) final-norm hidden states, rows in ``states``' order."""
         ids = torch.tensor([[s.output[-1]] for s in states], device=self.device)  # (n, 1)
         positions = torch.tensor([[s.length] for s in states], device=self.device)  # (n, 1)
         slots = [s.slot for s in states]
@@ -178,7 +216,7 @@ class SlotDecoder:
             hidden = self.model(ids, positions, cache=self.cache, cache_rows=rows, hidden_only=True)[:, -1]
         for s in states:
             s.length += 1
-        return self._logits(hidden, states)
+        return hidden
 
     def release(self, state: SequenceState) -> None:
         """Return the state's slot; its stale cache entries are masked out by position."""

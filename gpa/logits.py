@@ -16,7 +16,13 @@ from gpa.vocab import Vocab
 class LogitFilter:
     """Edits (B, V) logits in place given the tokens generated so far."""
 
+    supports_ids = False  # True: :meth:`apply_ids` works on logits over a subset of the vocabulary
+
     def apply(self, logits: Tensor, num_generated: int) -> None:
+        raise NotImplementedError
+
+    def apply_ids(self, logits: Tensor, ids: Tensor, num_generated: int) -> None:
+        """:meth:`apply` on (B, K) logits whose columns are the vocabulary ids ``ids`` (K,)."""
         raise NotImplementedError
 
 
@@ -27,8 +33,13 @@ class AllowedIds(LogitFilter):
         self.allowed = allowed  # (V,) bool
         self._blocked = ~allowed
 
+    supports_ids = True
+
     def apply(self, logits: Tensor, num_generated: int) -> None:
         logits.masked_fill_(self._blocked.to(logits.device), float("-inf"))
+
+    def apply_ids(self, logits: Tensor, ids: Tensor, num_generated: int) -> None:
+        logits.masked_fill_(self._blocked.to(logits.device)[ids], float("-inf"))
 
 
 class SuppressAtStart(LogitFilter):
@@ -37,9 +48,15 @@ class SuppressAtStart(LogitFilter):
     def __init__(self, ids: list[int], steps: int = 1) -> None:
         self.ids, self.steps = ids, steps
 
+    supports_ids = True
+
     def apply(self, logits: Tensor, num_generated: int) -> None:
         if num_generated < self.steps:
             logits[:, self.ids] = float("-inf")
+
+    def apply_ids(self, logits: Tensor, ids: Tensor, num_generated: int) -> None:
+        if num_generated < self.steps:
+            logits.masked_fill_(torch.isin(ids, torch.tensor(self.ids, device=ids.device)), float("-inf"))
 
 
 def allowed_ids(vocab: Vocab, task: Task, lm_vocab_size: int) -> Tensor:

@@ -201,24 +201,31 @@ def test_output_heads_are_built_once_per_model(mini_dir, vocab):
 
 @pytest.mark.parametrize("task", [Task.TTS, Task.VC])
 def test_restricted_head_equals_full_head(lm, vocab, golden, task):
-    """Computing the head over the task's ids only gives the same logits there and the same tokens."""
+    """Computing the head over the task's ids only gives the same logits there and the same tokens: decode steps
+    then sample in the id set itself (penalties, suppression at the start, top-k/top-p), batched, and every
+    row draws what the full-vocabulary path draws."""
     key = "prompt.tts.speech1_8k" if task is Task.TTS else "prompt.vc.speech0_22k.speech2_22k"
     allowed = allowed_ids(vocab, task, lm.config.vocab_size)
-    req = GenerationRequest(golden[key].tolist(), SamplingParams(temperature=0.8, seed=5, max_new_tokens=40),
-                            task_filters(vocab, task, lm.config.vocab_size), stop_ids(vocab, task), allowed)
+    filters, stops = task_filters(vocab, task, lm.config.vocab_size, allowed), stop_ids(vocab, task)
+    params = [SamplingParams(temperature=0.8, seed=5, max_new_tokens=40),
+              SamplingParams(temperature=1.0, seed=6, repetition_penalty=1.3, top_k=20, top_p=0.9, max_new_tokens=30),
+              SamplingParams(temperature=0.0, repetition_penalty=1.2, max_new_tokens=25)]
+    reqs = [GenerationRequest(golden[key].tolist(), p, filters, stops, allowed) for p in params]
     hidden = torch.randn(3, lm.config.hidden_size)
     full = torch.nn.functional.linear(hidden, lm.head_weight())
     outs = []
     for restrict in (False, True):
-        dec = SlotDecoder(lm, 1, 512, restrict_head=restrict)
-        state = dec.prefill(req)
-        while not state.finished:
-            dec.step([state])
-        outs.append(state.output)
-        logits = dec._logits(hidden, [state] * 3)
+        dec = SlotDecoder(lm, 3, 512, restrict_head=restrict)
+        states = [dec.prefill(r) for r in reqs]
+        assert (dec._compact_head(states) is not None) == restrict  # the id-set path really runs
+        while active := [s for s in states if not s.finished]:
+            dec.step(active)
+        outs.append([s.output for s in states])
+        logits = dec._logits(hidden, states[:1] * 3)
         assert torch.allclose(logits[:, allowed], full[:, allowed], atol=1e-5)
         assert torch.isinf(logits[:, ~allowed]).all() == restrict
     assert outs[0] == outs[1]
+    assert all(stops.isdisjoint(o[:1]) and set(o) <= set(torch.nonzero(allowed).flatten().tolist()) for o in outs[1])
 
 
 def test_int8_weight_only_quantization(mini_dir, golden, expected):
@@ -293,3 +300,21 @@ def test_explicit_attention_matches_fused_kernel(mask_kind):
     ref = attend(q, k, v, mask)  # float32: the fused kernel
     low = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()  # bfloat16: the explicit path
     assert rel_err(low, ref) < 2e-2
+
+
+def test_filters_on_an_id_subset_equal_the_full_vocabulary():
+    """apply_ids on logits over some ids gives the columns apply gives on the full vocabulary."""
+    from gpa.logits import AllowedIds, SuppressAtStart
+
+    g = torch.Generator().manual_seed(0)
+    allowed = torch.zeros(50, dtype=torch.bool)
+    allowed[[3, 7, 8, 20, 41]] = True
+    ids = torch.tensor([2, 3, 7, 20, 41, 49])  # a subset with disallowed ids in it too
+    for f in (AllowedIds(allowed), SuppressAtStart([7, 41], steps=2), SuppressAtStart([0], steps=1)):
+        assert f.supports_ids
+        for generated in (0, 1, 2):
+            full = torch.randn(2, 50, generator=g)
+            sub = full[:, ids].clone()
+            f.apply(full, generated)
+            f.apply_ids(sub, ids, generated)
+            assert torch.equal(sub, full[:, ids]), (f, generated)
