@@ -251,3 +251,26 @@ def test_prefill_attention_equals_reference(ops, heads, kv, dim, length, offset,
     assert torch.equal(got[1:], ops.prefill_attention(q[1:], k[1:], v[1:]))  # rows independent
     with pytest.raises(RuntimeError, match="prefill_attention: shapes"):
         ops.prefill_attention(q, k[:, :, :length - 1], v[:, :, :length - 1])
+
+
+def test_prefill_over_the_bf16_cache_runs_the_flash_kernel(mini_dir, ops, monkeypatch):
+    """A prefill of a model decoding natively (bf16 cache) calls prefill_attention once per layer, and its
+    first-token logits stay close to torch's path (float32 attention over a float32 cache)."""
+    if not hasattr(ops, "prefill_attention"):
+        pytest.skip("prefill_attention needs AVX512-BF16")
+    calls = []
+
+    class Counting:  # the real kernels, with prefill_attention's calls counted
+        def __getattr__(self, name):
+            fn = getattr(ops, name)
+            if name != "prefill_attention":
+                return fn
+            return lambda *args: calls.append(args[0].shape) or fn(*args)
+
+    monkeypatch.setattr(native, "loaded", lambda: Counting())
+    lm, plain = _lm(mini_dir, True, quantize="int8"), _lm(mini_dir, False, quantize="int8")
+    prompt = _prompts(lm.config.vocab_size, (23,))[0]
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    first = [SlotDecoder(m, 1, 64).prefill_logits(GenerationRequest(prompt, params))[1] for m in (lm, plain)]
+    assert len(calls) == lm.config.num_hidden_layers and calls[0][1] == len(prompt)
+    assert rel_err(first[0], first[1]) < 2e-2
