@@ -681,6 +681,48 @@ void pack_block(const C* keys, const C* values, int64_t D, int64_t s0, int64_t n
 
 // One (row, K/V head, query tile): G heads x up to 16 positions [t0, t1), keys [0, offset + t] each, from the
 // packed blocks (kpack, vpack: D * 8 words per block each). q rows and out rows are D contiguous values.
+// One key block for NG queries at once (their key and value loads shared; NG independent chains hide the
+// latency of each query's scores -> max -> exp -> weighted values): qi[j] the query's bf16 pairs, visible[j] >= 1
+// the keys of the block it sees, acc[j] its D float32 sums, run_max/run_sum[j] its online softmax state.
+template <int CHUNKS, int NG>
+inline void flash_block(const uint32_t* const* qi, const int64_t* visible, const uint32_t* kp, const uint32_t* vp,
+                        float scale, float* const* acc, float* run_max, float* run_sum) {
+  constexpr int64_t D = 16 * CHUNKS, pairs = D / 2;
+  __m512 part[NG][4];  // independent sums: one chain of D / 2 dependent vdpbf16ps would wait on its latency
+  for (int j = 0; j < NG; ++j)
+    for (int u = 0; u < 4; ++u) part[j][u] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh keys = (__m512bh)_mm512_loadu_si512(kp + p * kTile);
+    for (int j = 0; j < NG; ++j)
+      part[j][p % 4] = _mm512_dpbf16_ps(part[j][p % 4], keys, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(qi[j][p])));
+  }
+  alignas(64) uint32_t pp[NG][kTile / 2];  // probabilities as bf16 pairs (keys 2sp, 2sp + 1)
+  __m512 corr[NG];
+  for (int j = 0; j < NG; ++j) {
+    const __mmask16 seen = visible[j] >= kTile ? static_cast<__mmask16>(0xFFFF)
+                                               : static_cast<__mmask16>((1u << visible[j]) - 1u);
+    __m512 sc = _mm512_add_ps(_mm512_add_ps(part[j][0], part[j][1]), _mm512_add_ps(part[j][2], part[j][3]));
+    sc = _mm512_mask_blend_ps(seen, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(sc, _mm512_set1_ps(scale)));
+    const float new_max = std::max(run_max[j], _mm512_reduce_max_ps(sc));
+    const float correction = run_max[j] == -INFINITY ? 0.f : std::exp(run_max[j] - new_max);
+    const __m512 e = _mm512_maskz_mov_ps(seen, exp_nonpositive_v(_mm512_sub_ps(sc, _mm512_set1_ps(new_max))));
+    run_sum[j] = run_sum[j] * correction + _mm512_reduce_add_ps(e);
+    run_max[j] = new_max;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pp[j]), (__m256i)_mm512_cvtneps_pbh(e));  // lanes in order
+    corr[j] = _mm512_set1_ps(correction);
+  }
+  for (int c = 0; c < CHUNKS; ++c) {  // 16 output dims at a time
+    __m512 o[NG];
+    for (int j = 0; j < NG; ++j) o[j] = _mm512_mul_ps(_mm512_loadu_ps(acc[j] + 16 * c), corr[j]);
+    for (int64_t sp = 0; sp < kTile / 2; ++sp) {  // value pair row sp
+      const __m512bh vals = (__m512bh)_mm512_loadu_si512(vp + sp * D + 16 * c);
+      for (int j = 0; j < NG; ++j)
+        o[j] = _mm512_dpbf16_ps(o[j], vals, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pp[j][sp])));
+    }
+    for (int j = 0; j < NG; ++j) _mm512_storeu_ps(acc[j] + 16 * c, o[j]);
+  }
+}
+
 template <typename Q, int CHUNKS>
 void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t* kpack, const uint32_t* vpack,
                 int64_t G, int64_t t0, int64_t t1, int64_t offset, float scale, Q* out, int64_t o_tstride,
@@ -700,38 +742,24 @@ void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t
   for (int64_t s0 = 0; s0 <= last_key; s0 += kTile) {
     const uint32_t* kp = kpack + (s0 / kTile) * block_words;
     const uint32_t* vp = vpack + (s0 / kTile) * block_words;
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t visible = offset + t0 + i / G + 1 - s0;  // keys of this block the query sees
-      if (visible <= 0) continue;
-      const uint32_t* qi = qp.data() + i * pairs;
-      __m512 part[8];  // independent sums: one chain of D / 2 dependent vdpbf16ps would wait on its latency
-      for (int u = 0; u < 8; ++u) part[u] = _mm512_setzero_ps();
-      for (int64_t p = 0; p < pairs; ++p)
-        part[p % 8] = _mm512_dpbf16_ps(part[p % 8], (__m512bh)_mm512_loadu_si512(kp + p * kTile),
-                                       (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(qi[p])));
-      __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3])),
-                               _mm512_add_ps(_mm512_add_ps(part[4], part[5]), _mm512_add_ps(part[6], part[7])));
-      const __mmask16 seen = visible >= kTile ? static_cast<__mmask16>(0xFFFF)
-                                              : static_cast<__mmask16>((1u << visible) - 1u);
-      s = _mm512_mask_blend_ps(seen, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(s, _mm512_set1_ps(scale)));
-      const float new_max = std::max(run_max[i], _mm512_reduce_max_ps(s));
-      const float correction = run_max[i] == -INFINITY ? 0.f : std::exp(run_max[i] - new_max);
-      const __m512 e = _mm512_maskz_mov_ps(seen, exp_nonpositive_v(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
-      run_sum[i] = run_sum[i] * correction + _mm512_reduce_add_ps(e);
-      run_max[i] = new_max;
-      // the probabilities as bf16 pairs (keys 2sp, 2sp + 1): vcvtneps2bf16 keeps the lanes' order
-      alignas(64) uint32_t pp[kTile / 2];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pp), (__m256i)_mm512_cvtneps_pbh(e));
-      float* a = acc.data() + i * D;
-      const __m512 corr = _mm512_set1_ps(correction);
-      __m512 o[CHUNKS];  // the query's output, 16 dims per register: CHUNKS independent chains over the keys
-      for (int c = 0; c < CHUNKS; ++c) o[c] = _mm512_mul_ps(_mm512_loadu_ps(a + 16 * c), corr);
-      for (int64_t sp = 0; sp < kTile / 2; ++sp) {  // value pair row sp
-        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pp[sp]));
-        for (int c = 0; c < CHUNKS; ++c)
-          o[c] = _mm512_dpbf16_ps(o[c], (__m512bh)_mm512_loadu_si512(vp + sp * D + 16 * c), w);
+    int64_t i = 0;
+    while (i < nq) {
+      int64_t visible[2] = {offset + t0 + i / G + 1 - s0, 0};  // keys of this block the query sees
+      if (visible[0] <= 0) {
+        ++i;
+        continue;
       }
-      for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(a + 16 * c, o[c]);
+      const uint32_t* qi[2] = {qp.data() + i * pairs, nullptr};
+      float* ai[2] = {acc.data() + i * D, nullptr};
+      if (i + 1 < nq && (visible[1] = offset + t0 + (i + 1) / G + 1 - s0) > 0) {  // two queries at once
+        qi[1] = qp.data() + (i + 1) * pairs;
+        ai[1] = acc.data() + (i + 1) * D;
+        flash_block<CHUNKS, 2>(qi, visible, kp, vp, scale, ai, run_max.data() + i, run_sum.data() + i);
+        i += 2;
+      } else {
+        flash_block<CHUNKS, 1>(qi, visible, kp, vp, scale, ai, run_max.data() + i, run_sum.data() + i);
+        i += 1;
+      }
     }
   }
   for (int64_t i = 0; i < nq; ++i) {
