@@ -639,6 +639,7 @@ Tensor snake(const Tensor& x_in, const Tensor& alpha_in) {
 // are vdpbf16ps with one operand broadcast; softmax runs online in float32 (running max and sum per query).
 // Queries and probabilities are rounded to bf16 once, as the decode kernel does for its queries.
 constexpr int64_t kTile = 16;
+constexpr int kGroup = 4;  // queries per key block at once in the flash kernel
 
 inline __m512 exp_nonpositive_v(__m512 x) {  // exp_nonpositive on 16 lanes (vscalefps puts 2^n in)
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
@@ -743,23 +744,24 @@ void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t
     const uint32_t* kp = kpack + (s0 / kTile) * block_words;
     const uint32_t* vp = vpack + (s0 / kTile) * block_words;
     int64_t i = 0;
-    while (i < nq) {
-      int64_t visible[2] = {offset + t0 + i / G + 1 - s0, 0};  // keys of this block the query sees
-      if (visible[0] <= 0) {
-        ++i;
-        continue;
+    while (i < nq) {  // up to kGroup queries at once: those of them that see keys of this block
+      int64_t visible[kGroup];
+      const uint32_t* qi[kGroup];
+      float* ai[kGroup];
+      int n = 0;
+      for (; n < kGroup && i + n < nq; ++n) {
+        visible[n] = offset + t0 + (i + n) / G + 1 - s0;
+        if (visible[n] <= 0) break;
+        qi[n] = qp.data() + (i + n) * pairs;
+        ai[n] = acc.data() + (i + n) * D;
       }
-      const uint32_t* qi[2] = {qp.data() + i * pairs, nullptr};
-      float* ai[2] = {acc.data() + i * D, nullptr};
-      if (i + 1 < nq && (visible[1] = offset + t0 + (i + 1) / G + 1 - s0) > 0) {  // two queries at once
-        qi[1] = qp.data() + (i + 1) * pairs;
-        ai[1] = acc.data() + (i + 1) * D;
-        flash_block<CHUNKS, 2>(qi, visible, kp, vp, scale, ai, run_max.data() + i, run_sum.data() + i);
-        i += 2;
-      } else {
-        flash_block<CHUNKS, 1>(qi, visible, kp, vp, scale, ai, run_max.data() + i, run_sum.data() + i);
-        i += 1;
-      }
+      float* m = run_max.data() + i;
+      float* l = run_sum.data() + i;
+      if (n == 4) flash_block<CHUNKS, 4>(qi, visible, kp, vp, scale, ai, m, l);
+      else if (n == 3) flash_block<CHUNKS, 3>(qi, visible, kp, vp, scale, ai, m, l);
+      else if (n == 2) flash_block<CHUNKS, 2>(qi, visible, kp, vp, scale, ai, m, l);
+      else if (n == 1) flash_block<CHUNKS, 1>(qi, visible, kp, vp, scale, ai, m, l);
+      i += std::max(n, 1);  // n == 0: query i sees none of this block (it comes later in the tile)
     }
   }
   for (int64_t i = 0; i < nq; ++i) {
