@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from gpa import native
 from gpa.codecs.bicodec import BiCodec, BiCodecConfig
 from gpa.engine.streaming import AudioStreamer, StreamConfig, receptive_field
 
@@ -140,12 +141,17 @@ def main() -> None:
                                                                           / "fixtures")), help="fixture dir")
     p.add_argument("--lookaheads", default="0,2,4,8,16,32", help="approximate-mode lookaheads to measure")
     p.add_argument("--skip", default="", help="comma list of parts to skip: speed,golden,approx")
+    p.add_argument("--native", action="store_true",
+                   help="load gpa's C++ kernels first: bf16 decoding then takes their fused Snake (gpa.native.snake)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.native and native.load() is None:
+        raise SystemExit(f"gpa's kernels cannot be loaded here: {native.unavailable_reason()}")
     skip = set(filter(None, args.skip.split(",")))
     lookaheads = [int(x) for x in args.lookaheads.split(",")]
-    result: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+    result: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                    "native_kernels": native.loaded() is not None, "load_before": os.getloadavg()}
     with torch.inference_mode():
         if "speed" not in skip:
             result["official_shape"] = speed(args.seconds, args.rounds, [(10, 100), (5, 10)])
