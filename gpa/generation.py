@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,6 +44,15 @@ class TokenEvent:
     finished: bool
 
 
+class _Head(NamedTuple):
+    """An output head over one id set (a task's allowed ids)."""
+
+    allowed: Tensor  # (V,) bool, kept alive so that its id() stays unique while it keys the head cache
+    ids: Tensor  # (K,) int64, the set's ids in ascending order: the head's rows
+    module: torch.nn.Module  # hidden (n, C) -> logits (n, K)
+    index_of: Tensor  # (V,) int64: an id's row in the head, -1 outside the set
+
+
 class SequenceState:
     """A request occupying one cache slot."""
 
@@ -65,10 +75,13 @@ class SequenceState:
             return False
         return self.output[-1] in self.request.stop or len(self.output) >= self.request.params.max_new_tokens
 
-    def constrain(self, logits: Tensor) -> None:
-        """Apply this request's filters to its (1, V) logits in place."""
+    def constrain(self, logits: Tensor, ids: Tensor | None = None) -> None:
+        """Apply this request's filters to its (1, V) logits in place, or to (1, K) logits over the ids ``ids``."""
         for f in self.request.filters:
-            f.apply(logits, len(self.output))
+            if ids is None:
+                f.apply(logits, len(self.output))
+            else:
+                f.apply_ids(logits, ids, len(self.output))
 
     def record(self, token: int) -> None:
         self.output.append(token)
@@ -153,35 +166,21 @@ class SlotDecoder:
         per row, not the vocabulary (the same candidates in the same order, so the same tokens).
         """
         states = sorted(states, key=lambda s: s.slot)
-        compact = self._compact_head(states)
-        if compact is None:
+        head = self._compact_head(states)
+        if head is None:
             self._choose(states, self.step_logits(states))
-            return
-        ids, head, index_of = compact
-        logits = head(self._hidden(states)).float()  # (n, K) over ids
-        for i, s in enumerate(states):
-            for f in s.request.filters:
-                f.apply_ids(logits[i : i + 1], ids, len(s.output))
-            seen = index_of[s.seen_ids]
-            repetition_penalty(logits[i], seen[seen >= 0], s.request.params.repetition_penalty)
-        chosen = sample_next(logits, [s.request.params for s in states], [s.generator for s in states])
-        for s, t in zip(states, ids[chosen].tolist(), strict=True):
-            s.record(t)
+        else:
+            self._choose(states, head.module(self._hidden(states)).float(), head)
 
-    def _compact_head(self, states: Sequence[SequenceState]) -> tuple[Tensor, torch.nn.Module, Tensor] | None:
-        """(ids, head, index_of) when every row can be decided over one restricted head's ids, else None."""
+    def _compact_head(self, states: Sequence[SequenceState]) -> _Head | None:
+        """The restricted head every row can be decided over (one id set, filters that work on it), else None."""
         allowed = states[0].request.allowed
         if not self.restrict_head or allowed is None or any(s.request.allowed is not allowed for s in states):
             return None
-        entry = self._head(allowed)
-        if entry is None or not all(f.supports_ids for s in states for f in s.request.filters):
+        head = self._head(allowed)
+        if head is None or not all(f.supports_ids for s in states for f in s.request.filters):
             return None
-        key = ("index", id(allowed))
-        if key not in self._heads:  # full id -> its column in the restricted logits, -1 where absent
-            index_of = torch.full((self.model.config.vocab_size,), -1, dtype=torch.long, device=self.device)
-            index_of[entry[1]] = torch.arange(len(entry[1]), device=self.device)
-            self._heads[key] = index_of
-        return entry[1], entry[2], self._heads[key]
+        return head
 
     @torch.inference_mode()
     def copy_slots(self, sources: Sequence[int], targets: Sequence[int], length: int, start: int = 0) -> None:
@@ -242,8 +241,8 @@ class SlotDecoder:
             if key == -1:
                 out[idx] = full(hidden[idx]).float()
                 continue
-            _, ids, head = self._head(states[rows[0]].request.allowed)
-            out[idx[:, None], ids[None]] = head(hidden[idx]).float()
+            head = self._head(states[rows[0]].request.allowed)
+            out[idx[:, None], head.ids[None]] = head.module(hidden[idx]).float()
         return out
 
     def prepare_heads(self, allowed: Sequence[Tensor | None]) -> None:
@@ -257,22 +256,32 @@ class SlotDecoder:
             self._heads["full"] = head_module(self.model.head_weight(), self.quant)
         return self._heads["full"]
 
-    def _head(self, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _head(self, allowed: Tensor) -> _Head | None:
         if id(allowed) not in self._heads:
             ids = torch.nonzero(allowed).flatten().to(self.device)
             small = len(ids) <= allowed.numel() // 2
             if small:
                 rows = self.model.head_weight().index_select(0, ids).contiguous()
-                self._heads[id(allowed)] = (allowed, ids, head_module(rows, self.quant))
+                index_of = torch.full((allowed.numel(),), -1, dtype=torch.long, device=self.device)
+                index_of[ids] = torch.arange(len(ids), device=self.device)
+                self._heads[id(allowed)] = _Head(allowed, ids, head_module(rows, self.quant), index_of)
             else:
                 self._heads[id(allowed)] = None
         return self._heads[id(allowed)]
 
-    def _choose(self, states: Sequence[SequenceState], logits: Tensor) -> None:
+    def _choose(self, states: Sequence[SequenceState], logits: Tensor, head: _Head | None = None) -> None:
+        """Pick each row's next token from its logits: (n, V) over the vocabulary, or (n, K) over ``head.ids``
+        (filters, penalties and sampling then touch K values per row; the same candidates in the same order)."""
         for i, s in enumerate(states):
-            s.constrain(logits[i : i + 1])
-            repetition_penalty(logits[i], s.seen_ids, s.request.params.repetition_penalty)
+            s.constrain(logits[i : i + 1], None if head is None else head.ids)
+            seen = s.seen_ids
+            if head is not None:  # the seen ids' columns, where they have one
+                seen = head.index_of[seen]
+                seen = seen[seen >= 0]
+            repetition_penalty(logits[i], seen, s.request.params.repetition_penalty)
         tokens = sample_next(logits, [s.request.params for s in states], [s.generator for s in states])
+        if head is not None:
+            tokens = head.ids[tokens]
         for s, t in zip(states, tokens.tolist(), strict=True):
             s.record(t)
 

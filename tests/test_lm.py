@@ -192,11 +192,11 @@ def test_output_heads_are_built_once_per_model(mini_dir, vocab):
     lm.to(torch.float32)
     assert not lm.head_cache
     plain = load_lm(Checkpoint.open(mini_dir))
-    head = SlotDecoder(plain, 1, 8)._head(allowed)[2]
-    assert SlotDecoder(plain, 1, 8)._head(allowed)[2] is head
+    head = SlotDecoder(plain, 1, 8)._head(allowed).module
+    assert SlotDecoder(plain, 1, 8)._head(allowed).module is head
     with torch.no_grad():
         plain.head_weight().mul_(2)  # trained in place: the copied rows are stale
-    assert SlotDecoder(plain, 1, 8)._head(allowed)[2] is not head
+    assert SlotDecoder(plain, 1, 8)._head(allowed).module is not head
 
 
 @pytest.mark.parametrize("task", [Task.TTS, Task.VC])
