@@ -872,11 +872,7 @@ Tensor int4_dequantize(const Tensor& weight, const Tensor& scale_zero, int64_t g
         for (int64_t j = 0; j < 64; ++j) {
           uint16_t* dst_row = rows + j * k + g * group;
           const float* src_row = tile.data() + j * group;
-          for (int64_t c = 0; c < group; ++c) {  // round to nearest even (finite values), as c10::BFloat16 does
-            uint32_t bits;
-            std::memcpy(&bits, src_row + c, sizeof(bits));
-            dst_row[c] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-          }
+          for (int64_t c = 0; c < group; ++c) dst_row[c] = round_bf16(src_row[c]);
         }
       }
     }
