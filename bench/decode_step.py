@@ -90,21 +90,27 @@ def measure(lm: torch.nn.Module, batch: int, args: argparse.Namespace) -> dict:
         variants["fused_worker_thread" if switchable else "as_is_worker_thread"] = (True, True)
     if args.native:
         variants["native"] = (True, False)
+        if args.kv_int8:
+            variants["native_kv_int8"] = (True, False)
     samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in variants}
     for _ in range(args.rounds):
         decoder, states = _decoder(lm, batch, args.prompt, args.steps * len(variants) + 2)
         decoder.step(states)  # warm-up
-        if args.native:  # its own decoder: gpa's C++ kernels, with a bf16 cache under quantized weights
+        own = {}  # the native variants' own decoders: gpa's C++ kernels, with a bf16 (or int8) cache
+        if args.native:
             lm.native_decode = True
-            native = _decoder(lm, batch, args.prompt, args.steps + 2)
-            lm.native_decode = False
-            if native[0].ops is None:
+            for name, kv in (("native", "auto"), ("native_kv_int8", "int8")):
+                if name in variants:
+                    lm.kv_cache_dtype = kv
+                    own[name] = _decoder(lm, batch, args.prompt, args.steps + 2)
+                    own[name][0].step(own[name][1])
+            lm.native_decode, lm.kv_cache_dtype = False, "auto"
+            if own["native"][0].ops is None:
                 raise SystemExit(f"--native: the kernels are unavailable ({gpa_native.unavailable_reason()})")
-            native[0].step(native[1])
         for name, (fused, worker) in variants.items():
             if switchable:
                 lm.fuse() if fused else lm.unfuse()
-            run = functools.partial(_time_steps, *(native if name == "native" else (decoder, states)), args.steps)
+            run = functools.partial(_time_steps, *own.get(name, (decoder, states)), args.steps)
             wall, cpu = _on_worker(run) if worker else run()
             samples[name][0].extend(wall)
             samples[name][1].extend(cpu)
@@ -118,6 +124,8 @@ def measure(lm: torch.nn.Module, batch: int, args: argparse.Namespace) -> dict:
         lm.fuse()
     if args.native:
         out["native_speedup"] = round(main["ms"] / out["native"]["ms"], 3)
+    if "native_kv_int8" in out:
+        out["kv_int8_speedup_vs_native"] = round(out["native"]["ms"] / out["native_kv_int8"]["ms"], 3)
     out["tokens_per_s"] = round(batch * 1e3 / main["ms"], 1)
     return out
 
@@ -136,6 +144,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker-thread", action="store_true", help="also time the loop on a worker thread")
     p.add_argument("--native", action="store_true", help="also time gpa's C++ decode kernels (gpa.native)")
+    p.add_argument("--kv-int8", action="store_true", help="with --native: also time them over an int8 KV cache")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:

@@ -20,7 +20,7 @@ from gpa.audio import SAMPLE_RATE, AudioInput, load_audio
 from gpa.checkpoint import Checkpoint, load_codecs, load_lm, resolve_model
 from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
-from gpa.config import ASR_FALLBACK, DEFAULT_SAMPLING, ASRFallback, SamplingParams, Task
+from gpa.config import ASR_FALLBACK, DEFAULT_SAMPLING, KV_CACHE_DTYPES, ASRFallback, SamplingParams, Task
 from gpa.generation import GenerationRequest, beam_search, generate
 from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.model import GPALM
@@ -86,7 +86,7 @@ class GPA:
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, quantize: str | None = None,
                  vocoder_dtype: str | torch.dtype | None = None, tokenizer_dtype: str | None = None,
-                 native_decode: bool | None = None) -> GPA:
+                 native_decode: bool | None = None, kv_cache_dtype: str | None = None) -> GPA:
         """Load an official-layout checkpoint directory, strictly.
 
         Args:
@@ -112,8 +112,13 @@ class GPA:
                 tokens of context (``bench/decode_step.py --native``). With int8/int4 weights or a bf16 model
                 the KV cache is then bfloat16. Once loaded, the kernels also serve int4 products (AVX512-BF16)
                 and a bf16 decoder's Snake activations.
-            quantize, vocoder_dtype, tokenizer_dtype, native_decode and dtype left None take the checkpoint's
-            ``inference.json`` settings for the device type (the bundled GPA-nano asks for int8, a bfloat16
+            kv_cache_dtype: the KV cache's storage (:data:`gpa.config.KV_CACHE_DTYPES`): "auto" (the LLM's dtype;
+                bfloat16 under native decoding with int8/int4 weights or a bf16 model), "float32", "bfloat16", or
+                "int8": int8 codes with a float32 scale per position and head, half of bfloat16's bytes, which a
+                decode step at several rows or a long context spends most of its time reading (0.3B, 8 rows at 300
+                positions: attention ~12 -> ~6 ms per step with the native kernels; prefills read it back as bf16).
+            quantize, vocoder_dtype, tokenizer_dtype, native_decode, kv_cache_dtype and dtype left None take the
+            checkpoint's ``inference.json`` settings for the device type (the bundled GPA-nano asks for int8, a bfloat16
             decoder, float32 activations and the native kernels on CPU), else the defaults above.
         """
         ckpt = Checkpoint.open(path)
@@ -140,6 +145,10 @@ class GPA:
         vocab = Vocab.from_dir(ckpt.root, glm_codebook_size=glm.codebook_size)
         lm = load_lm(ckpt, device=device, dtype=dtype, quantize=quantize)
         lm.native_decode = bool(wanted.get("native_decode", False) if native_decode is None else native_decode)
+        kv_cache_dtype = kv_cache_dtype or wanted.get("kv_cache_dtype", "auto")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; expected one of {KV_CACHE_DTYPES}")
+        lm.kv_cache_dtype = kv_cache_dtype
         if lm.config.vocab_size < vocab.size:
             raise ValueError(f"{ckpt.llm_config}: vocab_size {lm.config.vocab_size} < tokenizer size {vocab.size}")
         model = cls(lm, vocab, bicodec, glm, root=ckpt.root)
@@ -350,8 +359,10 @@ def _store_matrices(module: torch.nn.Module | None, dtype: torch.dtype) -> None:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          quantize: str | None = None, vocoder_dtype: str | torch.dtype | None = None,
-         tokenizer_dtype: str | None = None, native_decode: bool | None = None) -> GPA:
+         tokenizer_dtype: str | None = None, native_decode: bool | None = None, kv_cache_dtype: str | None = None
+         ) -> GPA:
     """Load a GPA checkpoint directory (see :meth:`GPA.from_dir`); no ``path``: ``$GPA_MODEL``, else the
     bundled GPA-nano (:func:`gpa.checkpoint.resolve_model`)."""
     return GPA.from_dir(resolve_model(path), device=device, dtype=dtype, quantize=quantize,
-                        vocoder_dtype=vocoder_dtype, tokenizer_dtype=tokenizer_dtype, native_decode=native_decode)
+                        vocoder_dtype=vocoder_dtype, tokenizer_dtype=tokenizer_dtype, native_decode=native_decode,
+                        kv_cache_dtype=kv_cache_dtype)

@@ -47,6 +47,7 @@ class BenchConfig:
     inline_vocoder: bool | None = None  # EngineConfig.inline_vocoder: audio on the decode loop's thread (None: auto)
     tokenizer_dtype: str | None = None  # audio tokenizers: None (the checkpoint's choice, float32) or "bfloat16"
     native_decode: bool = False  # decode steps through gpa's C++ kernels (gpa.native)
+    kv_cache_dtype: str | None = None  # KV cache storage (gpa.config.KV_CACHE_DTYPES); None: the checkpoint's, auto
     baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     backend: str = "torch"  # what generates the tokens: "torch" (gpa's decode loop) or "vllm"
@@ -204,7 +205,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     dtype = None if cfg.dtype is None else LLM_DTYPES[cfg.dtype]
     model = GPA.from_dir(cfg.model, device="cpu", dtype=dtype, quantize=cfg.quantize,
-                         tokenizer_dtype=cfg.tokenizer_dtype, native_decode=cfg.native_decode)
+                         tokenizer_dtype=cfg.tokenizer_dtype, native_decode=cfg.native_decode,
+                         kv_cache_dtype=cfg.kv_cache_dtype)
     voice = _voice(model)
     tts, asr = _run_engine(model, cfg, voice)
     by_c = {r["concurrency"]: r for r in tts}

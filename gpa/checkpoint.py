@@ -42,7 +42,7 @@ def resolve_model(path: str | Path | None) -> Path:
 
 
 INFERENCE_FILE = "inference.json"  # optional: per device type, the speed settings used when none are given
-INFERENCE_KEYS = ("quantize", "vocoder_dtype", "dtype", "tokenizer_dtype", "native_decode")
+INFERENCE_KEYS = ("quantize", "vocoder_dtype", "dtype", "tokenizer_dtype", "native_decode", "kv_cache_dtype")
 
 
 @dataclass(frozen=True)

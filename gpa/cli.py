@@ -14,7 +14,8 @@ from typing import Any
 from tqdm import tqdm
 
 from gpa.audio import AudioError, save_audio
-from gpa.config import ASR_FALLBACK, QUANT_MODES, ASRFallback
+from gpa.cli_options import add_speed_flags, speed_options
+from gpa.config import ASR_FALLBACK, KV_CACHE_DTYPES, QUANT_MODES, ASRFallback
 
 logger = logging.getLogger("gpa")
 
@@ -28,27 +29,10 @@ class CLIError(Exception):
     """A usage problem found after parsing (reported without a traceback, exit code 2)."""
 
 
-SPEED_DEFAULT = "default: the checkpoint's inference.json for the device, else "
-
-
-def _add_speed(p: argparse.ArgumentParser) -> None:
-    """--quantize and --vocoder-dtype, whose defaults come from the checkpoint (GPA-nano: int8, bfloat16 on CPU)."""
-    p.add_argument("--quantize", default=None, choices=list(QUANT_MODES),
-                   help=f"LLM weight quantization ({SPEED_DEFAULT}none)")
-    p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
-                   help=f"precision of the codec's decoder ({SPEED_DEFAULT}float32; bfloat16 ~1.7x faster on CPU)")
-    p.add_argument("--tokenizer-dtype", default=None, choices=["float32", "bfloat16"],
-                   help=f"precision of the audio tokenizers ({SPEED_DEFAULT}float32; bfloat16 ~2x faster on CPU, "
-                        "a few codes differ)")
-    p.add_argument("--native-decode", default=None, action=argparse.BooleanOptionalAction,
-                   help=f"decode steps through gpa's C++ CPU kernels, compiled once (~30 s; needs a C++ compiler "
-                        f"and ninja) ({SPEED_DEFAULT}off)")
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
-    _add_speed(p)
+    add_speed_flags(p)
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature; 0 is greedy (default: task's)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: task's)")
@@ -139,6 +123,8 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                         "2 threads)")
     p.add_argument("--native-decode", action="store_true",
                    help="decode steps through gpa's C++ CPU kernels (compiled once, ~30 s)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
+                   help="KV cache storage (default: the checkpoint's inference.json, else auto)")
     p.add_argument("--baseline-tokens", type=int, default=100,
                    help="tokens for the transformers generate baseline (0 skips it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -166,7 +152,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       lookahead=args.lookahead, first_chunk=args.first_chunk, chunk=args.chunk,
                       vocoder_dtype=args.vocoder_dtype,
                       inline_vocoder=args.inline_vocoder, tokenizer_dtype=args.tokenizer_dtype,
-                      native_decode=args.native_decode, baseline_tokens=args.baseline_tokens, threads=args.threads,
+                      native_decode=args.native_decode, kv_cache_dtype=args.kv_cache_dtype,
+                      baseline_tokens=args.baseline_tokens, threads=args.threads,
                       backend=args.backend, vllm=vllm)
     print(json.dumps(run(cfg), indent=1))
     return 0
@@ -212,7 +199,7 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                        formatter_class=fmt)
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
-    _add_speed(p)
+    add_speed_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", default=None,
@@ -355,8 +342,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     model = _model_dir(args.model)
     from gpa.api import load
 
-    return load(model, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype,
-                tokenizer_dtype=args.tokenizer_dtype, native_decode=args.native_decode)
+    return load(model, device=args.device, **speed_options(args))
 
 
 def cmd_asr(args: argparse.Namespace) -> int:
@@ -486,8 +472,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             backend=args.backend, vllm=vllm, vocoder_dtype=args.vocoder_dtype,
                             inline_vocoder=args.inline_vocoder),
         **{k: v for k, v in optional.items() if v is not None})
-    model = load(model_dir, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype,
-                 tokenizer_dtype=args.tokenizer_dtype, native_decode=args.native_decode)
+    model = load(model_dir, device=args.device, **speed_options(args))
     serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gpa import native
 from gpa.config import SamplingParams
-from gpa.kv_cache import KVCache
+from gpa.kv_cache import KV_DTYPES, KVCache
 from gpa.logits import LogitFilter
 from gpa.model import GPALM
 from gpa.quant import head_module
@@ -116,14 +116,16 @@ class SlotDecoder:
             self._heads["version"] = version
         self.device = model.head_weight().device
         self.max_seq_len = max_seq_len
-        # gpa's C++ decode kernels (model.native_decode, CPU): they read a bfloat16 cache wherever the linear
-        # layers already run in bfloat16 (int8/int4 weights, a bf16 model), halving the cache's bytes per step.
+        # gpa's C++ decode kernels (model.native_decode, CPU): by default they read a bfloat16 cache wherever the
+        # linear layers already run in bfloat16 (int8/int4 weights, a bf16 model), halving the cache's bytes per
+        # step; model.kv_cache_dtype may ask for another storage (int8: half again).
         self.ops = None
         if getattr(model, "native_decode", False) and self.device.type == "cpu" and model.supports_native_decode():
             self.ops = native.load()
         kv_dtype = model.head_weight().dtype
         if self.ops is not None and model.linear_input_dtype() == torch.bfloat16:
             kv_dtype = torch.bfloat16
+        kv_dtype = KV_DTYPES.get(getattr(model, "kv_cache_dtype", "auto"), kv_dtype)
         self.cache = KVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
                              dtype=kv_dtype, device=self.device)
         self.free = list(range(slots))[::-1]  # pop() hands out slot 0 first
@@ -191,7 +193,7 @@ class SlotDecoder:
             return
         src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=self.device)
         dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=self.device)
-        for t in (self.cache.k, self.cache.v):
+        for t in self.cache.tensors():  # keys, values (and an int8 cache's scales): slot on dim 1, position on 3
             t[:, dst, :, start:length] = t[:, src, :, start:length]  # the right side is gathered first
 
     @torch.inference_mode()

@@ -212,6 +212,8 @@ class Attention(nn.Module):
         # Keys up to the furthest position any row has reached: (B, KV, S, D).
         k, v = cache.kv.write_read(cache.layer, cache.positions, k, v, cache.rows, cache.kv_len, cache.row_index)
         if T == 1 and isinstance(mask, Tensor) and mask.is_floating_point():
+            if k.dtype != q.dtype:  # a cache kept in another dtype than the activations (bf16 or int8 beside fp32)
+                k, v = k.to(q.dtype), v.to(q.dtype)
             return self.o_proj(attend_one(q.reshape(B, H, D), k, v, mask).view(B, 1, H * D))
         flash = getattr(cache.ops, "prefill_attention", None)  # None without the kernels or AVX512-BF16
         if flash is not None and mask is True and k.dtype == torch.bfloat16 and D in (32, 64, 128) and (
@@ -219,7 +221,7 @@ class Attention(nn.Module):
             # a causal prefill over native decoding's bf16 cache: gpa.native's flash kernel (bf16 products, float32
             # softmax) instead of converting the keys for torch's float32 one (0.3B, 629 tokens: ~0.35 vs ~0.49 s)
             return self.o_proj(flash(q, k, v).view(B, T, H * D))
-        if k.dtype != q.dtype:  # a bfloat16 cache under float32 activations (native decoding's cache)
+        if k.dtype != q.dtype:  # a bfloat16 (or int8) cache under float32 activations (native decoding's cache)
             k, v = k.to(q.dtype), v.to(q.dtype)
         y = attend(q.transpose(1, 2), k, v, mask).transpose(1, 2)
         return self.o_proj(y.reshape(B, T, H * D))
@@ -277,6 +279,7 @@ class GPALM(nn.Module):
         self.config = cfg
         self.weight_quant = "none"  # "int8" or "int4" after gpa.quant.quantize_weights (set by the loader)
         self.native_decode = False  # decode steps through gpa's C++ kernels (gpa.native; set by the loader)
+        self.kv_cache_dtype = "auto"  # the decoders' KV cache storage (gpa.config.KV_CACHE_DTYPES; set by the loader)
         self.head_cache: dict[object, object] = {}  # output heads built for decoding (gpa.generation.SlotDecoder)
         self._native_args: tuple[list, ...] | None = None  # decode_native's per-layer lists (while fused)
         self.model = Decoder(cfg)
@@ -379,7 +382,7 @@ class GPALM(nn.Module):
 
         The same computation as :meth:`forward` on one token per row with ``cache``, with the residual
         stream in float32 and the linear layers fed in :meth:`linear_input_dtype`; the cache may be
-        float32 or bfloat16. Needs :meth:`supports_native_decode`.
+        float32, bfloat16 or int8. Needs :meth:`supports_native_decode`.
 
         Args:
             ids, positions, slots: (B,) int64: each row's token, its position, and its cache slot.
@@ -393,7 +396,8 @@ class GPALM(nn.Module):
         x = self.model.embed_tokens(ids).float()  # (B, C): the residual stream
         attn = self.model.layers[0].self_attn
         return ops.decode_trunk(x, *self._native_args, self.config.rms_norm_eps, cos[:, 0], sin[:, 0], positions,
-                                slots, cache.k, cache.v, attn.n_heads, attn.n_kv, self.linear_input_dtype())
+                                slots, cache.k, cache.v, cache.k_scale, cache.v_scale, attn.n_heads, attn.n_kv,
+                                self.linear_input_dtype())
 
     def _trunk_args(self) -> tuple[list, ...]:
         """decode_trunk's per-layer lists (weights, scales, kinds, params, norms, QK-norms), built once per fusing."""

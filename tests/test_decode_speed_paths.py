@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gpa.checkpoint import Checkpoint, load_lm
 from gpa.config import SamplingParams
-from gpa.generation import GenerationRequest, generate
+from gpa.generation import GenerationRequest, SlotDecoder, generate
 from gpa.kv_cache import KVCache
 from gpa.model import GPALM, RopeTable, apply_rope, attend_one, rope, rope_tables
 from gpa.quant import Int4Linear, Int8Linear
@@ -141,16 +141,66 @@ def test_one_query_attention_equals_fused_kernel(dtype):
     assert rel_err(got, ref.reshape(B, H * D)) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_cache_write_read_equals_update():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_cache_write_read(dtype):
+    """write_read puts each row's (T, KV, D) at its slot and positions and reads back positions [0, kv_len) of
+    those slots; an int8 cache stores code = round(x / scale), scale = max |x| / 127 per position and head, and
+    reads code * scale (as bf16): within half a step of the written value."""
     g = torch.Generator().manual_seed(0)
-    a, b = KVCache(2, 4, 2, 16, 8), KVCache(2, 4, 2, 16, 8)
     k, v = torch.randn(2, 3, 2, 8, generator=g), torch.randn(2, 3, 2, 8, generator=g)  # (B, T, KV, D)
+    k[1, 2, 1] = 0.0  # an all-zero row: scale 0, codes 0
     positions = torch.tensor([[3, 4, 5], [0, 1, 2]])
-    for rows in (slice(1, 3), torch.tensor([3, 0]), None):
+    for rows, slots in ((slice(1, 3), [1, 2]), (torch.tensor([3, 0]), [3, 0]), (None, [0, 1])):
+        cache = KVCache(2, 4, 2, 16, 8, dtype=dtype)
         index = torch.arange(2)[:, None] if not isinstance(rows, torch.Tensor) else rows[:, None]
-        ka, va = a.update(1, positions, k.transpose(1, 2), v.transpose(1, 2), rows, 6)
-        kb, vb = b.write_read(1, positions, k, v, rows, 6, index)
-        assert torch.equal(ka, kb) and torch.equal(va, vb) and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+        ka, va = cache.write_read(1, positions, k, v, rows, 6, index)
+        assert ka.shape == va.shape == (4 if rows is None else 2, 2, 6, 8)  # None: every slot in order
+        for b, slot in enumerate(slots):
+            for t, pos in enumerate(positions[b].tolist()):
+                for new, exact, stored, scale in ((ka, k, cache.k, cache.k_scale), (va, v, cache.v, cache.v_scale)):
+                    x = exact[b, t]  # (KV, D)
+                    if dtype == torch.int8:
+                        step = x.abs().amax(-1) / 127
+                        assert torch.equal(scale[1, slot, :, pos], step)
+                        value = stored[1, slot, :, pos].float() * step[:, None]
+                        assert ((value - x).abs() <= step[:, None] / 2 + 1e-7).all()
+                        assert new.dtype == torch.bfloat16 and torch.equal(new[b, :, pos], value.bfloat16())
+                    else:
+                        assert torch.equal(stored[1, slot, :, pos], x.to(dtype))
+                        assert torch.equal(new[b, :, pos], x.to(dtype))
+        assert not cache.k[0].any() and not cache.k[1, [s for s in range(4) if s not in slots]].any()
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_copy_slots_copies_every_cache_tensor(mini_dir, kv):
+    """SlotDecoder.copy_slots (beam search's KV copy) moves keys, values and an int8 cache's scales over the
+    position range, leaving other positions and slots alone."""
+    lm = _load(mini_dir)
+    lm.kv_cache_dtype = kv
+    decoder = SlotDecoder(lm, 4, 16)
+    tensors = decoder.cache.tensors()
+    assert len(tensors) == (4 if kv == "int8" else 2)
+    g = torch.Generator().manual_seed(0)
+    for t in tensors:
+        t.copy_(torch.randint(-100, 100, t.shape, generator=g).to(t.dtype))
+    before = [t.clone() for t in tensors]
+    decoder.copy_slots([2, 0], [1, 3], length=9, start=4)
+    for t, old in zip(tensors, before, strict=True):
+        assert torch.equal(t[:, [1, 3], :, 4:9], old[:, [2, 0], :, 4:9])
+        assert torch.equal(t[:, [1, 3], :, :4], old[:, [1, 3], :, :4])
+        assert torch.equal(t[:, [1, 3], :, 9:], old[:, [1, 3], :, 9:])
+        assert torch.equal(t[:, [0, 2]], old[:, [0, 2]])
+
+
+def test_int8_cache_decode_close_to_bf16_cache(mini_dir):
+    """Decoding over an int8 cache (torch's path: prefill and steps) stays near decoding over a bf16 one."""
+    lm = _load(mini_dir, quantize="int8").fuse()
+    seq = _ids(40, lm.config.vocab_size, 2)
+    with torch.inference_mode():
+        full = lm(seq)[0]
+    bf16, int8 = _decode_logits(lm, seq, 25, torch.bfloat16), _decode_logits(lm, seq, 25, torch.int8)
+    assert rel_err(int8, full) < 3e-2 and rel_err(int8, bf16) < 3e-2
+    assert rel_err(int8, bf16) > 0  # it really ran over int8 values
 
 
 @pytest.mark.parametrize("quantize,dtype,tol", [("none", torch.float32, 1e-5), ("none", torch.bfloat16, 3e-2),

@@ -140,6 +140,32 @@ def test_sampled_tokens_follow_the_filtered_distribution():
     assert (freq - expected).abs().max() < 0.03
 
 
+def test_batched_sampling_equals_each_row_alone():
+    """sample_next runs rows sharing a top-k as one batch; every row's token equals sample_row's on that row alone
+    with the same seed: mixed temperatures and top-p, a tie at the k-th value, a row with fewer than k finite
+    logits, rows without top-k, greedy rows, and a restricted vocabulary (-inf outside it)."""
+    from gpa.sampling import sample_next, sample_row
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 500, generator=g) * 3
+    logits[:, ::4] = float("-inf")
+    logits[2, :] = float("-inf")
+    logits[2, :7] = torch.arange(7.0)  # 7 finite logits, top-k 20
+    logits[3, 40] = logits[3, 44] = logits[3].topk(20).values[-1]  # the 20th value shared by two ids
+    params = [SamplingParams(temperature=0.8, top_k=20, top_p=0.95)] * 4 + [
+        SamplingParams(temperature=1.3, top_k=20, top_p=0.5), SamplingParams(temperature=0.8, top_k=20, top_p=1.0),
+        SamplingParams(temperature=0.7, top_k=None, top_p=0.9), SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, top_k=5, top_p=0.8)]
+    for seed in range(25):
+        gens = [torch.Generator().manual_seed(seed * 100 + b) for b in range(len(params))]
+        alone = [torch.Generator().manual_seed(seed * 100 + b) for b in range(len(params))]
+        got = sample_next(logits, params, gens).tolist()
+        expected = [int(logits[b].argmax()) if sp.temperature == 0 else sample_row(logits[b], sp, alone[b])
+                    for b, sp in enumerate(params)]
+        assert got == expected, seed
+        assert [x.get_state().tolist() for x in gens] == [x.get_state().tolist() for x in alone]
+
+
 def test_sampling_params_validation_and_defaults():
     assert DEFAULT_SAMPLING[Task.ASR].temperature == 0
     assert DEFAULT_SAMPLING[Task.TTS].temperature == 0.2 and DEFAULT_SAMPLING[Task.TTS].repetition_penalty == 1.2

@@ -31,6 +31,7 @@ from gpa.codecs.nano import (
     fsq_values,
 )
 from gpa.engine import AudioChunk, Engine, EngineConfig, StreamConfig
+from gpa.generation import SlotDecoder
 from gpa.prompts import asr_prompt
 from gpa.train.nano_codec import DecoderTraining, Features, Utterance, extract, train_decoder
 from gpa.weights import INT8_SCALE, CheckpointError, pack_int8, read_safetensors, unpack_int8
@@ -441,6 +442,13 @@ def test_inference_json_sets_speed_defaults_and_is_checked(nano_dir, tmp_path):
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"native_decode": "yes"}}))
     with pytest.raises(CheckpointError, match="native_decode takes true or false"):
         gpa.load(ckpt, device="cpu")
+    assert plain.lm.kv_cache_dtype == "auto"
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"kv_cache_dtype": "int8"}}))
+    model = gpa.load(ckpt, device="cpu")
+    assert model.lm.kv_cache_dtype == "int8" and SlotDecoder(model.lm, 1, 8).cache.k.dtype == torch.int8
+    assert gpa.load(ckpt, device="cpu", kv_cache_dtype="bfloat16").lm.kv_cache_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="unknown kv_cache_dtype 'fp8'; expected one of"):
+        gpa.load(ckpt, device="cpu", kv_cache_dtype="fp8")
 
 
 @pytest.mark.parametrize("levels", [(4, 4, 4, 4, 4), (3, 5, 8, 2)])

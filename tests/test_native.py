@@ -13,7 +13,7 @@ from gpa import native
 from gpa.checkpoint import Checkpoint, load_lm
 from gpa.config import SamplingParams
 from gpa.generation import GenerationRequest, SlotDecoder, generate
-from gpa.kv_cache import KVCache
+from gpa.kv_cache import KVCache, dequantize_rows, quantize_rows
 from gpa.model import GPALM, RopeTable, rope
 from tests.conftest import rel_err
 
@@ -66,6 +66,34 @@ def test_one_step_equals_torch_decode(mini_dir, ops):
     assert torch.equal(caches[1].k[:, 1], caches[0].k[:, 1])  # the unused slot is untouched
 
 
+def test_one_step_over_int8_cache_equals_torch(mini_dir, ops):
+    """An int8 cache: the kernels' step equals torch's one-token forward over the same cache (which reads the
+    codes back as bf16), and writes the codes and scales gpa.kv_cache.quantize_rows gives torch's path."""
+    lm = _lm(mini_dir, True)
+    cfg = lm.config
+    prompts = _prompts(cfg.vocab_size, (7, 19, 3))
+    slots = torch.tensor([2, 0, 3])
+    caches = [KVCache(cfg.num_hidden_layers, 4, cfg.num_key_value_heads, 48, cfg.head_dim, dtype=torch.int8)
+              for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            for slot, prompt in zip(slots.tolist(), prompts, strict=True):
+                lm(torch.tensor([prompt]), cache=cache, cache_rows=slice(slot, slot + 1))
+        ids = torch.tensor([5, 11, 17])
+        positions = torch.tensor([len(p) for p in prompts])
+        ref = lm(ids[:, None], positions[:, None], cache=caches[0], cache_rows=slots, hidden_only=True)[:, -1]
+        got = lm.decode_native(ops, ids, positions, slots, caches[1])
+    assert rel_err(got, ref) < 5e-3  # torch's path reads the codes times scales rounded to bf16
+    # the new rows: layer 0's from the same inputs, later layers' from inputs as close as the two attentions are
+    for slot, n in zip(slots.tolist(), positions.tolist(), strict=True):
+        assert rel_err(caches[1].k_scale[:, slot, :, n], caches[0].k_scale[:, slot, :, n]) < 1e-3
+        assert rel_err(caches[1].v_scale[:, slot, :, n], caches[0].v_scale[:, slot, :, n]) < 1e-3
+        assert torch.equal(caches[1].v[0, slot, :, n], caches[0].v[0, slot, :, n])
+        step = (caches[1].k[:, slot, :, n].int() - caches[0].k[:, slot, :, n].int()).abs()
+        assert step.max() <= 1 and step.float().mean() < 0.05  # rounding ties aside, the same codes
+        assert torch.equal(caches[1].k[:, slot, :, :n], caches[0].k[:, slot, :, :n])
+
+
 def test_greedy_generation_equals_torch(mini_dir, golden, expected, ops):
     """float32: greedy tokens through the kernels equal the reference's (and torch's path), batched."""
     lm = _lm(mini_dir, True)
@@ -77,13 +105,14 @@ def test_greedy_generation_equals_torch(mini_dir, golden, expected, ops):
         assert out == golden[f"greedy16.{key}"].tolist(), key
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_bf16_cache_batched_equals_single(mini_dir, quantize, ops):
-    """With int8/int4 weights the cache is bfloat16; sampled tokens batched (rows at different lengths) equal
-    each request alone, and stay close to torch's float32-cache path (logits)."""
+@pytest.mark.parametrize(("quantize", "kv"), [("int8", "auto"), ("int4", "auto"), ("int8", "int8")])
+def test_quantized_bf16_cache_batched_equals_single(mini_dir, quantize, kv, ops):
+    """With int8/int4 weights the cache is bfloat16 (or int8 when asked); sampled tokens batched (rows at different
+    lengths) equal each request alone, and stay close to torch's float32-cache path (logits)."""
     lm = _lm(mini_dir, True, quantize=quantize)
+    lm.kv_cache_dtype = kv
     decoder = SlotDecoder(lm, 3, 64)
-    assert decoder.ops is ops and decoder.cache.k.dtype == torch.bfloat16
+    assert decoder.ops is ops and decoder.cache.k.dtype == (torch.int8 if kv == "int8" else torch.bfloat16)
     params = SamplingParams(temperature=0.8, top_k=20, max_new_tokens=12)
     reqs = [GenerationRequest(p, params.replace(seed=i)) for i, p in enumerate(_prompts(lm.config.vocab_size,
                                                                                          (9, 30, 4)))]
@@ -114,33 +143,51 @@ def test_kernel_rejects_positions_beyond_the_cache(mini_dir, ops):
         lm.decode_native(ops, torch.tensor([1]), torch.tensor([3]), torch.tensor([1]), cache)
 
 
-@pytest.mark.parametrize(("heads", "kv", "dim", "cache_dtype"), [
-    (16, 8, 128, torch.bfloat16),  # the 0.3B model's shapes
-    (5, 1, 64, torch.bfloat16),  # GPA-nano's: 5 query heads per K/V head
-    (4, 2, 48, torch.bfloat16),  # a head size the vector paths do not take
-    (16, 8, 128, torch.float32),
+@pytest.mark.parametrize(("heads", "kv", "dim", "cache_dtype", "length"), [
+    (16, 8, 128, torch.bfloat16, 40),  # the 0.3B model's shapes
+    (5, 1, 64, torch.bfloat16, 40),  # GPA-nano's: 5 query heads per K/V head
+    (4, 2, 48, torch.bfloat16, 40),  # a head size the vector paths do not take
+    (16, 8, 128, torch.float32, 40),
+    (16, 8, 128, torch.int8, 40),
+    (16, 8, 128, torch.int8, 1100),  # past the int8 kernel's 512-row flush of its integer sums
+    (5, 1, 64, torch.int8, 40),
+    (4, 2, 48, torch.int8, 40),
 ])
-def test_attention_kernel_equals_reference(ops, heads, kv, dim, cache_dtype):
+def test_attention_kernel_equals_reference(ops, heads, kv, dim, cache_dtype, length):
     """attend_decode against plain torch: RMS-normed, rotated q/k, attention over each row's positions 0..pos
-    (odd and even lengths), reading the row's own slot only."""
+    (odd and even lengths), reading the row's own slot only; an int8 cache's rows are written as
+    gpa.kv_cache.quantize_rows writes them and read through their scales."""
     g = torch.Generator().manual_seed(0)
-    batch, slots, length, eps = 3, 4, 40, 1e-6
+    batch, slots, eps = 3, 4, 1e-6
     qkv = torch.randn(batch, (heads + 2 * kv) * dim, generator=g).bfloat16()
     norm = torch.rand(heads + kv, dim, generator=g) + 0.5
-    k_cache = torch.randn(slots, kv, length, dim, generator=g).to(cache_dtype)
-    v_cache = torch.randn(slots, kv, length, dim, generator=g).to(cache_dtype)
-    positions, row_slots = torch.tensor([0, 17, 30]), torch.tensor([3, 0, 2])
+    k_cache = torch.randn(slots, kv, length, dim, generator=g)
+    v_cache = torch.randn(slots, kv, length, dim, generator=g)
+    scales: list[torch.Tensor | None] = [None, None]
+    if cache_dtype == torch.int8:
+        (k_cache, k_scale), (v_cache, v_scale) = quantize_rows(k_cache), quantize_rows(v_cache)
+        scales = [k_scale.clone(), v_scale.clone()]
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    positions, row_slots = torch.tensor([0, 17, length - 10]), torch.tensor([3, 0, 2])
     cos, sin = RopeTable(dim, 10000.0).table(length, torch.float32, torch.device("cpu"))
     k_new, v_new = k_cache.clone(), v_cache.clone()
     out = ops.attend_decode(qkv, norm, eps, cos[:, 0].contiguous(), sin[:, 0].contiguous(), positions, row_slots,
-                            k_new, v_new, heads, kv)
+                            k_new, v_new, *scales, heads, kv)
+
+    def read(cache: torch.Tensor, scale: torch.Tensor | None, slot: int) -> torch.Tensor:
+        return cache[slot].float() if scale is None else dequantize_rows(cache[slot], scale[slot], torch.float32)
+
     x = qkv.float().view(batch, heads + 2 * kv, dim)
     qk = torch.nn.functional.rms_norm(x[:, : heads + kv], (dim,), eps=eps) * norm
     qk = rope(qk[:, None], cos[positions][:, None], sin[positions][:, None])[:, 0]
     for b, (pos, slot) in enumerate(zip(positions.tolist(), row_slots.tolist(), strict=True)):
-        keys, values = k_cache[slot].float().clone(), v_cache[slot].float().clone()
-        keys[:, pos], values[:, pos] = qk[b, heads:], x[b, heads + kv :]
-        assert rel_err(k_new[slot, :, pos].float(), keys[:, pos].to(cache_dtype).float()) < 1e-6
+        keys, values = read(k_new, scales[0], slot), read(v_new, scales[1], slot)
+        for stored, exact in ((keys, qk[b, heads:]), (values, x[b, heads + kv :])):
+            if cache_dtype == torch.int8:  # code = round(x / scale), scale = max |x| / 127: within half a step
+                step = exact.abs().amax(-1, keepdim=True) / 127
+                assert ((stored[:, pos] - exact).abs() <= step * 0.501).all()
+            else:
+                assert rel_err(stored[:, pos], exact.to(cache_dtype).float()) < 1e-6
         q = qk[b, :heads].view(kv, heads // kv, dim)
         probs = (q @ keys[:, : pos + 1].transpose(1, 2) / dim**0.5).softmax(-1)
         expected = (probs @ values[:, : pos + 1]).reshape(heads * dim)
@@ -148,6 +195,8 @@ def test_attention_kernel_equals_reference(ops, heads, kv, dim, cache_dtype):
     untouched = torch.ones(slots, dtype=torch.bool)
     untouched[row_slots] = False
     assert torch.equal(k_new[untouched], k_cache[untouched])
+    if cache_dtype == torch.int8:
+        assert torch.equal(scales[0][untouched], k_scale[untouched])
 
 
 def test_int4_dequantize_equals_torch_unpacking(ops):

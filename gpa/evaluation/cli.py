@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpa.audio import AudioError
-from gpa.config import QUANT_MODES
+from gpa.cli_options import add_speed_flags, speed_options
 from gpa.evaluation.deps import JudgeUnavailable
 from gpa.evaluation.judges import ASR_MODELS, JudgeConfig, get_judges
 from gpa.evaluation.manifest import REFERENCE_MODES, TASKS, EvalSpec, TestSet, load_manifest
@@ -46,15 +46,7 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("--save-audio", type=Path, default=None, help="keep the synthesised audio in this directory")
     p.add_argument("--no-warmup", action="store_true", help="time the first model call of each task too")
     p.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
-    p.add_argument("--quantize", default=None, choices=list(QUANT_MODES),
-                   help="LLM weight quantization (default: the checkpoint's inference.json, else none)")
-    p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="precision of the codec's decoder (default: the checkpoint's inference.json, else float32)")
-    p.add_argument("--tokenizer-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="precision of the audio tokenizers (default: the checkpoint's inference.json, else float32)")
-    p.add_argument("--native-decode", default=None, action=argparse.BooleanOptionalAction,
-                   help="decode steps through gpa's C++ CPU kernels (default: the checkpoint's inference.json, "
-                        "else off)")
+    add_speed_flags(p)
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: task's)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: task's)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: task's)")
@@ -126,14 +118,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.model:
         from gpa.api import load
 
-        model = load(args.model, device=args.device, quantize=args.quantize, vocoder_dtype=args.vocoder_dtype,
-                     tokenizer_dtype=args.tokenizer_dtype, native_decode=args.native_decode)
+        model = load(args.model, device=args.device, **speed_options(args))
     settings = {"model": str(Path(args.model).resolve()) if args.model else None,
                 "quantize": model.lm.weight_quant if model is not None else None,
                 "vocoder_dtype": str(model.bicodec.decode_dtype).removeprefix("torch.") if model is not None else None,
                 "dtype": str(model.lm.head_weight().dtype).removeprefix("torch.") if model is not None else None,
                 "tokenizer_dtype": str(model.tokenizer_dtype).removeprefix("torch.") if model is not None else None,
                 "native_decode": model.lm.native_decode if model is not None else None,
+                "kv_cache_dtype": model.lm.kv_cache_dtype if model is not None else None,
                 "device": str(model.device) if model is not None else None}
     report = evaluate(model, test_sets, spec, judges, references, _options(args), args.save_audio,
                       progress=not args.no_progress, settings=settings)

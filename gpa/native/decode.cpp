@@ -22,7 +22,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#if defined(__AVX512BF16__)
+#include <limits>
+#if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
 #include <type_traits>
@@ -33,6 +34,8 @@ namespace {
 using at::Tensor;
 
 inline float to_f(float v) { return v; }
+inline float to_f(double v) { return static_cast<float>(v); }
+inline float to_f(int8_t v) { return static_cast<float>(v); }  // an int8 cache's codes (its scales apply apart)
 inline float to_f(c10::BFloat16 v) {  // a shift and a bit cast, which the compiler vectorizes
   const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
   float f;
@@ -96,35 +99,6 @@ void score_keys(const float* q, int64_t G, int64_t D, const C* keys, int64_t n, 
   score_keys_loop(q, G, D, keys, n, scores, scale, row);
 }
 
-#if defined(__AVX512BF16__)
-// With AVX512-BF16 (a bfloat16 cache): the queries rounded to bfloat16 once, each key row multiplied in bf16
-// pairs with float32 sums (vdpbf16ps), 32 products per instruction. About 3x the float32 loop's speed here.
-template <>
-void score_keys<c10::BFloat16>(const float* q, int64_t G, int64_t D, const c10::BFloat16* keys, int64_t n,
-                               float* scores, float scale, float* row) {
-  constexpr int64_t kMaxChunks = 8, kMaxG = 8;  // D up to 256, up to 8 query heads per K/V head
-  const int64_t chunks = D / 32;
-  if (D % 32 != 0 || chunks > kMaxChunks || G > kMaxG) {
-    score_keys_loop(q, G, D, keys, n, scores, scale, row);
-    return;
-  }
-  __m512bh qv[kMaxG * kMaxChunks];
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* src = q + g * D + c * 32;
-      qv[g * chunks + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
-    }
-  for (int64_t t = 0; t < n; ++t) {
-    __m512bh kv[kMaxChunks];
-    for (int64_t c = 0; c < chunks; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(keys + t * D + c * 32);
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) acc = _mm512_dpbf16_ps(acc, qv[g * chunks + c], kv[c]);
-      scores[g * n + t] = _mm512_reduce_add_ps(acc) * scale;
-    }
-  }
-}
-#endif
 
 // out (G, D) = p (G, n) @ values (n, D): the weighted sums of value rows, kBlock columns at a time (the block's
 // sums stay in registers over all n rows).
@@ -154,62 +128,375 @@ void weigh_values(const float* p, int64_t G, int64_t D, const C* values, int64_t
   weigh_values_loop(p, G, D, values, n, out);
 }
 
+#if defined(__AVX512F__)
+inline __m512 exp_nonpositive_v(__m512 x) {  // exp_nonpositive on 16 lanes (vscalefps puts 2^n in)
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The sums of four 16-lane vectors, lane j = the sum of a_j's lanes: two rounds of interleaving adds leave each
+// 128-bit lane holding (a0, a1, a2, a3) partial sums, then the four 128-bit lanes are added. ~13 instructions
+// for four sums where four separate reductions take ~36.
+inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512d x01 = _mm512_castps_pd(s01), x23 = _mm512_castps_pd(s23);
+  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x01, x23)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(x01, x23)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+inline __m128i sum4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+  const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+  const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+  const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+inline float sum_all(__m512 a) { return _mm512_reduce_add_ps(a); }
+inline float sum_all(__m512i a) { return static_cast<float>(_mm512_reduce_add_epi32(a)); }
+inline __m128 as_float(__m128 a) { return a; }
+inline __m128 as_float(__m128i a) { return _mm_cvtepi32_ps(a); }
+inline __m512 as_float(__m512 a) { return a; }
+inline __m512 as_float(__m512i a) { return _mm512_cvtepi32_ps(a); }
+#endif
+
+// The vector products over one (row, K/V head) for the two cache formats that have them, as a traits type: the
+// queries' form (Query), one 32-column chunk of a key or value row loaded for the product (load), the product
+// accumulate (dot), and the weights' form for a pair of value rows (pair_weights). G and CH (32-column chunks per
+// head) are template parameters so that the accumulators stay in registers.
 #if defined(__AVX512BF16__)
 inline uint32_t bf16_bits(float x) { return static_cast<uint32_t>(c10::BFloat16(x).x); }  // round to nearest even
 
-// With AVX512-BF16: two value rows at a time, their bf16 elements interleaved into pairs (row t, row t + 1) that
-// one vdpbf16ps multiplies by the pair of (bf16-rounded) weights. unpacklo/hi interleave within 128-bit lanes, so
-// the sums come out in a fixed column order, put back when stored.
-template <>
-void weigh_values<c10::BFloat16>(const float* p, int64_t G, int64_t D, const c10::BFloat16* values, int64_t n,
-                                 float* out) {
-  constexpr int64_t kMaxChunks = 4, kMaxG = 4;  // register budget: 2 * G * chunks accumulators
-  const int64_t chunks = D / 32;
-  if (D % 32 != 0 || chunks > kMaxChunks || G > kMaxG) {
-    weigh_values_loop(p, G, D, values, n, out);
-    return;
+// bfloat16: products as bf16 pairs with float32 sums (vdpbf16ps, 32 per instruction); queries and weights are
+// rounded to bf16 once.
+struct Bf16Products {
+  using Cache = c10::BFloat16;
+  using Acc = __m512;
+  static constexpr int64_t kFlushPairs = 0;  // float sums need no flushing
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static __m512i load(const Cache* src) { return _mm512_loadu_si512(src); }
+  static Acc dot(Acc acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  // 32 query values as bf16, in order; the factor that turns a sum into the score (before the key's scale)
+  static __m512i query(const float* src, float) {
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
   }
-  __m512 lo[kMaxG * kMaxChunks], hi[kMaxG * kMaxChunks];
-  for (int64_t i = 0; i < G * chunks; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 2) {
-    const bool pair = t + 1 < n;
-    __m512i weight[kMaxG];
-    for (int64_t g = 0; g < G; ++g)
-      weight[g] = _mm512_set1_epi32(static_cast<int32_t>(bf16_bits(p[g * n + t]) |
-                                                         (pair ? bf16_bits(p[g * n + t + 1]) << 16 : 0u)));
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i a = _mm512_loadu_si512(values + t * D + c * 32);
-      const __m512i b = pair ? _mm512_loadu_si512(values + (t + 1) * D + c * 32) : _mm512_setzero_si512();
-      const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(a, b), high = (__m512bh)_mm512_unpackhi_epi16(a, b);
-      for (int64_t g = 0; g < G; ++g) {
-        lo[g * chunks + c] = _mm512_dpbf16_ps(lo[g * chunks + c], (__m512bh)weight[g], low);
-        hi[g * chunks + c] = _mm512_dpbf16_ps(hi[g * chunks + c], (__m512bh)weight[g], high);
+  static float query_factor(const float*, int64_t, float scale) { return scale; }
+  static float weight_factor(const float*, int64_t) { return 1.f; }  // weights go in as they are (rounded)
+  static uint32_t weight_pair(float a, float b, float) { return bf16_bits(a) | bf16_bits(b) << 16; }
+};
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+inline __m512i int16_of(const int8_t* src) {  // 32 int8 widened to int16
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+}
+
+// int8 (with per-row scales, applied by the caller): rows widened to int16 meet int16 queries and weights in
+// vpdpwssd (pairs of int16 products summed into int32 lanes, 32 per instruction). A query head is scaled to int16
+// by its largest magnitude (relative error 1.5e-5, far below the keys' own int8 rounding), a head's weights by
+// their largest; integer sums move into float32 every kFlushPairs row pairs (512 rows x 32767 x 128 < 2^31: no
+// overflow whatever the weights).
+struct Int8Products {
+  using Cache = int8_t;
+  using Acc = __m512i;
+  static constexpr int64_t kFlushPairs = 256;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static __m512i load(const Cache* src) { return int16_of(src); }
+  static Acc dot(Acc acc, __m512i a, __m512i b) { return _mm512_dpwssd_epi32(acc, a, b); }
+  static __m512i query(const float* src, float factor) {  // 32 floats times factor, rounded to int16, in order
+    const __m512 f = _mm512_set1_ps(factor);
+    const __m256i lo = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src), f)));
+    const __m256i hi = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + 16), f)));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  static float largest(const float* x, int64_t n) {
+    float top = 0.f;
+#pragma omp simd reduction(max : top)
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, std::fabs(x[i]));
+    return top;
+  }
+  // query(src, scale_in(q)) * query_factor = q: the factor into int16, and the one back out
+  static float query_factor(const float* q, int64_t D, float scale) { return largest(q, D) / 32767.f * scale; }
+  static float weight_factor(const float* p, int64_t n) { return largest(p, n) / 32767.f; }
+  static uint32_t weight_pair(float a, float b, float into) {
+    return static_cast<uint16_t>(static_cast<int16_t>(std::nearbyint(a * into))) |
+           static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(std::nearbyint(b * into)))) << 16;
+  }
+};
+#endif
+
+#if defined(__AVX512F__)
+// scores[g * n + t] = scale * q_g . key_t (the int8 cache's key scale applied by the caller), four keys at a time
+// so that one shuffle tree sums 4 accumulators.
+template <typename P, int G, int CH>
+void score_block(const float* q, const typename P::Cache* keys, int64_t n, float* scores, float scale) {
+  constexpr int64_t D = 32 * CH;
+  __m512i qv[G][CH];
+  float back[G];  // the factor from a sum to the score
+  for (int g = 0; g < G; ++g) {
+    back[g] = P::query_factor(q + g * D, D, scale);
+    const float into = back[g] > 0.f ? scale / back[g] : 0.f;
+    for (int c = 0; c < CH; ++c) qv[g][c] = P::query(q + g * D + c * 32, into);
+  }
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    typename P::Acc acc[4][G];
+    for (int j = 0; j < 4; ++j) {
+      __m512i kv[CH];
+      for (int c = 0; c < CH; ++c) kv[c] = P::load(keys + (t + j) * D + c * 32);
+      for (int g = 0; g < G; ++g) {
+        acc[j][g] = P::zero();
+        for (int c = 0; c < CH; ++c) acc[j][g] = P::dot(acc[j][g], qv[g][c], kv[c]);
       }
     }
+    for (int g = 0; g < G; ++g)
+      _mm_storeu_ps(scores + g * n + t,
+                    _mm_mul_ps(as_float(sum4(acc[0][g], acc[1][g], acc[2][g], acc[3][g])), _mm_set1_ps(back[g])));
   }
-  // Lane L (of 4) of `lo` holds columns 8L..8L+3 of its 32-column chunk, of `hi` columns 8L+4..8L+7.
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < chunks; ++c) {
-      alignas(64) float l[16], h[16];
-      _mm512_store_ps(l, lo[g * chunks + c]);
-      _mm512_store_ps(h, hi[g * chunks + c]);
-      float* o = out + g * D + c * 32;
-      for (int64_t lane = 0; lane < 4; ++lane)
-        for (int64_t j = 0; j < 4; ++j) {
-          o[8 * lane + j] = l[4 * lane + j];
-          o[8 * lane + 4 + j] = h[4 * lane + j];
+  for (; t < n; ++t) {
+    __m512i kv[CH];
+    for (int c = 0; c < CH; ++c) kv[c] = P::load(keys + t * D + c * 32);
+    for (int g = 0; g < G; ++g) {
+      typename P::Acc acc = P::zero();
+      for (int c = 0; c < CH; ++c) acc = P::dot(acc, qv[g][c], kv[c]);
+      scores[g * n + t] = sum_all(acc) * back[g];
+    }
+  }
+}
+
+// out (G, D) = p (G, n) @ values (n, D), p >= 0: two value rows at a time, their elements interleaved into pairs
+// (row t, row t + 1) that one instruction multiplies by the pair of weights. unpacklo/hi interleave within 128-bit
+// lanes, so the sums come out in a fixed column order, put back when stored: lane L of `lo` holds columns
+// 8L..8L+3 of its 32-column chunk, of `hi` 8L+4..8L+7. CB chunks per pass over the rows keep 2 G CB accumulators.
+template <typename P, int G, int CH>
+void weigh_block(const float* p, const typename P::Cache* values, int64_t n, float* out) {
+  constexpr int64_t D = 32 * CH;
+  constexpr int CB = G <= 2 ? CH : (CH < 2 ? CH : 2);
+  const int64_t pairs = (n + 1) / 2;
+  std::vector<uint32_t> w(G * pairs);
+  float back[G];
+  for (int g = 0; g < G; ++g) {
+    const float* pg = p + g * n;
+    back[g] = P::weight_factor(pg, n);
+    const float into = back[g] > 0.f ? 1.f / back[g] : 0.f;
+    for (int64_t i = 0; i < pairs; ++i)
+      w[g * pairs + i] = P::weight_pair(pg[2 * i], 2 * i + 1 < n ? pg[2 * i + 1] : 0.f, into);
+  }
+  const int64_t flush = P::kFlushPairs > 0 ? P::kFlushPairs : pairs;
+  for (int c0 = 0; c0 < CH; c0 += CB) {
+    __m512 lo_f[G][CB], hi_f[G][CB];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CB; ++c) lo_f[g][c] = hi_f[g][c] = _mm512_setzero_ps();
+    for (int64_t i0 = 0; i0 < pairs; i0 += flush) {
+      const int64_t i1 = std::min(pairs, i0 + flush);
+      typename P::Acc lo[G][CB], hi[G][CB];
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < CB; ++c) lo[g][c] = hi[g][c] = P::zero();
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = 2 * i;
+        const bool pair = t + 1 < n;
+        for (int c = 0; c < CB; ++c) {
+          const int64_t col = (c0 + c) * 32;
+          const __m512i a = P::load(values + t * D + col);
+          const __m512i b = pair ? P::load(values + (t + 1) * D + col) : _mm512_setzero_si512();
+          const __m512i low = _mm512_unpacklo_epi16(a, b), high = _mm512_unpackhi_epi16(a, b);
+          for (int g = 0; g < G; ++g) {
+            const __m512i weight = _mm512_set1_epi32(static_cast<int32_t>(w[g * pairs + i]));
+            lo[g][c] = P::dot(lo[g][c], weight, low);
+            hi[g][c] = P::dot(hi[g][c], weight, high);
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < CB; ++c) {
+          lo_f[g][c] = _mm512_add_ps(lo_f[g][c], as_float(lo[g][c]));
+          hi_f[g][c] = _mm512_add_ps(hi_f[g][c], as_float(hi[g][c]));
         }
     }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CB; ++c) {
+        alignas(64) float l[16], h[16];
+        const __m512 factor = _mm512_set1_ps(back[g]);
+        _mm512_store_ps(l, _mm512_mul_ps(lo_f[g][c], factor));
+        _mm512_store_ps(h, _mm512_mul_ps(hi_f[g][c], factor));
+        float* o = out + g * D + (c0 + c) * 32;
+        for (int lane = 0; lane < 4; ++lane)
+          for (int j = 0; j < 4; ++j) {
+            o[8 * lane + j] = l[4 * lane + j];
+            o[8 * lane + 4 + j] = h[4 * lane + j];
+          }
+      }
+  }
+}
+
+// The (G, head size) pairs with vector kernels: the 0.3B model's (2, 128), GPA-nano's (5, 64), and neighbours.
+#define GPA_ATTENTION_SHAPES(X) X(1, 2) X(1, 4) X(2, 2) X(2, 4) X(4, 2) X(4, 4) X(5, 2) X(5, 4)
+
+template <typename P>
+bool score_vector(const float* q, int64_t G, int64_t D, const typename P::Cache* keys, int64_t n, float* scores,
+                  float scale) {
+#define GPA_SCORE(g, ch) \
+  if (G == g && D == 32 * ch) return score_block<P, g, ch>(q, keys, n, scores, scale), true;
+  GPA_ATTENTION_SHAPES(GPA_SCORE)
+#undef GPA_SCORE
+  return false;
+}
+
+template <typename P>
+bool weigh_vector(const float* p, int64_t G, int64_t D, const typename P::Cache* values, int64_t n, float* out) {
+#define GPA_WEIGH(g, ch) \
+  if (G == g && D == 32 * ch) return weigh_block<P, g, ch>(p, values, n, out), true;
+  GPA_ATTENTION_SHAPES(GPA_WEIGH)
+#undef GPA_WEIGH
+  return false;
 }
 #endif
 
+#if defined(__AVX512BF16__)
+template <>
+void score_keys<c10::BFloat16>(const float* q, int64_t G, int64_t D, const c10::BFloat16* keys, int64_t n,
+                               float* scores, float scale, float* row) {
+  if (!score_vector<Bf16Products>(q, G, D, keys, n, scores, scale))
+    score_keys_loop(q, G, D, keys, n, scores, scale, row);
+}
+
+template <>
+void weigh_values<c10::BFloat16>(const float* p, int64_t G, int64_t D, const c10::BFloat16* values, int64_t n,
+                                 float* out) {
+  if (!weigh_vector<Bf16Products>(p, G, D, values, n, out)) weigh_values_loop(p, G, D, values, n, out);
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+template <>
+void score_keys<int8_t>(const float* q, int64_t G, int64_t D, const int8_t* keys, int64_t n, float* scores,
+                        float scale, float* row) {
+  if (!score_vector<Int8Products>(q, G, D, keys, n, scores, scale))
+    score_keys_loop(q, G, D, keys, n, scores, scale, row);
+}
+
+template <>
+void weigh_values<int8_t>(const float* p, int64_t G, int64_t D, const int8_t* values, int64_t n, float* out) {
+  if (!weigh_vector<Int8Products>(p, G, D, values, n, out)) weigh_values_loop(p, G, D, values, n, out);
+}
+#endif
+
+// Softmax over one head's n scores in place; each score first times before[t] and each weight then times
+// after[t] where given (an int8 cache's key and value scales).
+inline void softmax_scaled(float* sc, int64_t n, const float* before, const float* after) {
+#if defined(__AVX512F__)
+  auto mask = [n](int64_t t) { return t + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - t)) - 1); };
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = mask(t);
+    __m512 x = _mm512_maskz_loadu_ps(m, sc + t);
+    if (before) {
+      x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, before + t));
+      _mm512_mask_storeu_ps(sc + t, m, x);
+    }
+    top = _mm512_mask_max_ps(top, m, top, x);
+  }
+  const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = mask(t);
+    const __m512 e = exp_nonpositive_v(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + t), peak));
+    _mm512_mask_storeu_ps(sc + t, m, e);
+    total = _mm512_mask_add_ps(total, m, total, e);
+  }
+  const __m512 norm = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = mask(t);
+    const __m512 f = after ? _mm512_mul_ps(norm, _mm512_maskz_loadu_ps(m, after + t)) : norm;
+    _mm512_mask_storeu_ps(sc + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + t), f));
+  }
+#else
+  if (before)
+    for (int64_t t = 0; t < n; ++t) sc[t] *= before[t];
+  float top = sc[0];
+  for (int64_t t = 1; t < n; ++t) top = std::max(top, sc[t]);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t t = 0; t < n; ++t) {
+    sc[t] = exp_nonpositive(sc[t] - top);
+    total += sc[t];
+  }
+  const float norm = 1.f / total;
+  for (int64_t t = 0; t < n; ++t) sc[t] *= after ? norm * after[t] : norm;
+#endif
+}
+
+// n float32 values into `out` (float32 or bfloat16, rounded to nearest even).
+template <typename A>
+inline void store_floats(const float* src, int64_t n, A* out) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<A, c10::BFloat16>)
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) out[i] = from_f<A>(src[i]);
+}
+
+// One K or V row into the cache: float32 or bfloat16 as it is; int8 as codes round(x / scale) with
+// scale = max |x| / 127 stored beside them (gpa.kv_cache.KVCache quantizes prefills by the same rule).
+template <typename C>
+inline void store_row(const float* x, int64_t D, C* target, float* scale) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {  // the same arithmetic on 16 lanes (division and rounding are exact operations either way)
+      __m512 big = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) big = _mm512_max_ps(big, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
+      const float s = _mm512_reduce_max_ps(big) / 127.f;
+      *scale = s;
+      const __m512 step = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+      for (int64_t d = 0; d < D; d += 16) {
+        __m512 code = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + d), step),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        code = s > 0.f ? _mm512_min_ps(hi, _mm512_max_ps(lo, code)) : _mm512_setzero_ps();
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(target + d), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(code)));
+      }
+      return;
+    }
+#endif
+    float top = 0.f;
+    for (int64_t d = 0; d < D; ++d) top = std::max(top, std::fabs(x[d]));
+    const float s = top / 127.f;
+    *scale = s;
+    for (int64_t d = 0; d < D; ++d) {
+      const float code = s > 0.f ? std::nearbyint(x[d] / s) : 0.f;
+      target[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, code)));
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) target[d] = from_f<C>(x[d]);
+  }
+}
+
 // qkv: (B, (H + 2 KV) * D); norm_w: (H + KV, D) fp32 (q_norm's weight per query head, then k_norm's);
 // cos, sin: (L, D) fp32 with sin's first half negated (x * cos + roll(x, D/2) * sin);
-// positions, slots: (B,) int64; k_cache, v_cache: (slots, KV, S, D). Returns (B, H * D) in qkv's dtype.
+// positions, slots: (B,) int64; k_cache, v_cache: (slots, KV, S, D); with an int8 cache k_scale, v_scale:
+// (slots, KV, S) float32 (else null). Returns (B, H * D) in qkv's dtype.
 template <typename A, typename C>
 Tensor attend_impl(const Tensor& qkv, const Tensor& norm_w, double eps, const Tensor& cos, const Tensor& sin,
-                   const Tensor& positions, const Tensor& slots, Tensor& k_cache, Tensor& v_cache, int64_t H,
-                   int64_t KV) {
+                   const Tensor& positions, const Tensor& slots, Tensor& k_cache, Tensor& v_cache, float* k_scale,
+                   float* v_scale, int64_t H, int64_t KV) {
+  constexpr bool kScaled = std::is_same_v<C, int8_t>;
   const int64_t B = qkv.size(0), D = k_cache.size(3), S = k_cache.size(2), G = H / KV;
   const int64_t n_slots = k_cache.size(0);
   auto out = at::empty({B, H * D}, qkv.options());
@@ -233,11 +520,12 @@ Tensor attend_impl(const Tensor& qkv, const Tensor& norm_w, double eps, const Te
 
   // 1. Normalise and rotate q and k heads, write k and v into the cache.
   at::parallel_for(0, B * (H + KV), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(D);
+    std::vector<float> x(D), y(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (H + KV), h = task % (H + KV);
       const A* row = src + b * width + h * D;
       float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
       for (int64_t d = 0; d < D; ++d) {
         x[d] = to_f(row[d]);
         ss += x[d] * x[d];
@@ -247,16 +535,15 @@ Tensor attend_impl(const Tensor& qkv, const Tensor& norm_w, double eps, const Te
       for (int64_t d = 0; d < D; ++d) x[d] = x[d] * inv * w[d];
       const float* c = cs + pos[b] * D;
       const float* s = sn + pos[b] * D;
-      float* target = h < H ? qb + (b * H + h) * D : nullptr;
-      C* ktarget = h < H ? nullptr : kc + ((slot[b] * KV + (h - H)) * S + pos[b]) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const float r = x[d] * c[d] + x[(d + half) % D] * s[d];
-        if (target) target[d] = r; else ktarget[d] = from_f<C>(r);
-      }
-      if (h >= H) {  // this K/V head's values go in unchanged
+      float* rotated = h < H ? qb + (b * H + h) * D : y.data();
+      for (int64_t d = 0; d < half; ++d) rotated[d] = x[d] * c[d] + x[d + half] * s[d];  // x * cos + roll(x) * sin
+      for (int64_t d = half; d < D; ++d) rotated[d] = x[d] * c[d] + x[d - half] * s[d];
+      if (h >= H) {  // this K/V head's key, and its values unchanged
+        const int64_t at = (slot[b] * KV + (h - H)) * S + pos[b];
+        store_row(y.data(), D, kc + at * D, kScaled ? k_scale + at : nullptr);
         const A* v = src + b * width + (H + KV + (h - H)) * D;
-        C* vtarget = vc + ((slot[b] * KV + (h - H)) * S + pos[b]) * D;
-        for (int64_t d = 0; d < D; ++d) vtarget[d] = from_f<C>(to_f(v[d]));
+        for (int64_t d = 0; d < D; ++d) y[d] = to_f(v[d]);
+        store_row(y.data(), D, vc + at * D, kScaled ? v_scale + at : nullptr);
       }
     }
   });
@@ -266,36 +553,43 @@ Tensor attend_impl(const Tensor& qkv, const Tensor& norm_w, double eps, const Te
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, row(D), mixed(G * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KV, kvh = task % KV, n = pos[b] + 1;
-      const C* keys = kc + (slot[b] * KV + kvh) * S * D;
-      const C* values = vc + (slot[b] * KV + kvh) * S * D;
+      const int64_t b = task / KV, kvh = task % KV, n = pos[b] + 1, first = (slot[b] * KV + kvh) * S;
+      const C* keys = kc + first * D;
+      const C* values = vc + first * D;
       const float* q = qb + (b * H + kvh * G) * D;
       scores.resize(G * n);
       score_keys<C>(q, G, D, keys, n, scores.data(), scale, row.data());
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = scores.data() + g * n;
-        float top = sc[0];
-#pragma omp simd reduction(max : top)
-        for (int64_t t = 1; t < n; ++t) top = std::max(top, sc[t]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < n; ++t) {
-          sc[t] = exp_nonpositive(sc[t] - top);
-          total += sc[t];
-        }
-        const float norm = 1.f / total;
-        for (int64_t t = 0; t < n; ++t) sc[t] *= norm;
-      }
+      for (int64_t g = 0; g < G; ++g)  // an int8 cache's scales: keys' on the scores, values' on the weights
+        softmax_scaled(scores.data() + g * n, n, kScaled ? k_scale + first : nullptr,
+                       kScaled ? v_scale + first : nullptr);
       weigh_values<C>(scores.data(), G, D, values, n, mixed.data());
       A* o = dst + b * H * D + kvh * G * D;
-      for (int64_t i = 0; i < G * D; ++i) o[i] = from_f<A>(mixed[i]);
+      store_floats(mixed.data(), G * D, o);
     }
   });
   return out;
 }
 
+template <typename A>
+Tensor attend_cache(const Tensor& qkv, const Tensor& norm_w, double eps, const Tensor& cos, const Tensor& sin,
+                    const Tensor& p, const Tensor& s, Tensor& k_cache, Tensor& v_cache, float* k_scale,
+                    float* v_scale, int64_t n_heads, int64_t n_kv) {
+  switch (k_cache.scalar_type()) {
+    case at::kBFloat16:
+      return attend_impl<A, c10::BFloat16>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, nullptr, nullptr,
+                                           n_heads, n_kv);
+    case at::kChar:
+      return attend_impl<A, int8_t>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, k_scale, v_scale, n_heads,
+                                    n_kv);
+    default:
+      return attend_impl<A, float>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, nullptr, nullptr, n_heads,
+                                   n_kv);
+  }
+}
+
 Tensor attend_decode(const Tensor& qkv, const Tensor& norm_w, double eps, const Tensor& cos, const Tensor& sin,
-                     const Tensor& positions, const Tensor& slots, Tensor k_cache, Tensor v_cache, int64_t n_heads,
+                     const Tensor& positions, const Tensor& slots, Tensor k_cache, Tensor v_cache,
+                     const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale, int64_t n_heads,
                      int64_t n_kv) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be a contiguous (B, (H + 2 KV) * D) tensor");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
@@ -310,16 +604,27 @@ Tensor attend_decode(const Tensor& qkv, const Tensor& norm_w, double eps, const 
               "norm weights and rotary tables must be contiguous, rotary tables (L, D)");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
               positions.numel() == qkv.size(0) && slots.numel() == qkv.size(0), "positions, slots: (B,) int64");
-  const bool a_bf16 = qkv.scalar_type() == at::kBFloat16, c_bf16 = k_cache.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(a_bf16 || qkv.scalar_type() == at::kFloat, "activations must be float32 or bfloat16");
-  TORCH_CHECK(c_bf16 || k_cache.scalar_type() == at::kFloat, "the cache must be float32 or bfloat16");
+  const auto a = qkv.scalar_type(), c = k_cache.scalar_type();
+  TORCH_CHECK(a == at::kBFloat16 || a == at::kFloat, "activations must be float32 or bfloat16");
+  TORCH_CHECK(c == at::kBFloat16 || c == at::kFloat || c == at::kChar, "the cache must be float32, bfloat16 or int8");
+  const bool scaled = c == at::kChar;
+  TORCH_CHECK(scaled == (k_scale.has_value() && v_scale.has_value()),
+              scaled ? "an int8 cache needs k_scale and v_scale" : "scales are for an int8 cache only");
+  float* ks = nullptr;
+  float* vs = nullptr;
+  if (scaled) {
+    for (const Tensor* t : {&*k_scale, &*v_scale})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 &&
+                  t->size(0) == k_cache.size(0) && t->size(1) == n_kv && t->size(2) == k_cache.size(2),
+                  "the int8 cache's scales must be contiguous float32 (slots, KV, S)");
+    ks = k_scale->data_ptr<float>();
+    vs = v_scale->data_ptr<float>();
+  }
   auto p = positions.contiguous();
   auto s = slots.contiguous();
-  if (a_bf16 && c_bf16)
-    return attend_impl<c10::BFloat16, c10::BFloat16>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, n_heads, n_kv);
-  if (a_bf16) return attend_impl<c10::BFloat16, float>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, n_heads, n_kv);
-  if (c_bf16) return attend_impl<float, c10::BFloat16>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, n_heads, n_kv);
-  return attend_impl<float, float>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, n_heads, n_kv);
+  if (a == at::kBFloat16)
+    return attend_cache<c10::BFloat16>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, ks, vs, n_heads, n_kv);
+  return attend_cache<float>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, ks, vs, n_heads, n_kv);
 }
 
 // residual (B, C) float32 is updated in place by delta (B, C) (any float dtype, or none);
@@ -536,13 +841,15 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t ki
 
 // Every decoder layer for one token per row, in one call: per layer 4 linears (qkv, o, gate_up, down: weights,
 // scales, kinds and params of `linear`, 4 per layer in that order), 2 norms (input, post-attention) plus the final norm at the
-// end, the QK-norm weights; k_cache, v_cache: (layers, slots, KV, S, D). x: (B, C) float32 embeddings, the
+// end, the QK-norm weights; k_cache, v_cache: (layers, slots, KV, S, D) (int8: with k_scale, v_scale
+// (layers, slots, KV, S), else None). x: (B, C) float32 embeddings, the
 // residual stream (updated in place). Returns the final-norm hidden states (B, C) in act's dtype.
 Tensor decode_trunk(Tensor x, const std::vector<Tensor>& weights, const std::vector<Tensor>& scales,
                     const std::vector<int64_t>& kinds, const std::vector<int64_t>& params,
                     const std::vector<Tensor>& norms,
                     const std::vector<Tensor>& qk_norms, double eps, const Tensor& cos, const Tensor& sin,
-                    const Tensor& positions, const Tensor& slots, Tensor k_cache, Tensor v_cache, int64_t n_heads,
+                    const Tensor& positions, const Tensor& slots, Tensor k_cache, Tensor v_cache,
+                    const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale, int64_t n_heads,
                     int64_t n_kv, at::ScalarType act) {
   const int64_t layers = static_cast<int64_t>(qk_norms.size());
   TORCH_CHECK(weights.size() == 4 * qk_norms.size() && scales.size() == weights.size() &&
@@ -553,8 +860,11 @@ Tensor decode_trunk(Tensor x, const std::vector<Tensor>& weights, const std::vec
   for (int64_t i = 0; i < layers; ++i) {
     const int64_t l = 4 * i;
     auto qkv = linear(h, weights[l], scales[l], kinds[l], params[l]);
+    c10::optional<Tensor> ks, vs;  // an int8 cache's scales, (layers, slots, KV, S)
+    if (k_scale.has_value()) ks = k_scale->select(0, i);
+    if (v_scale.has_value()) vs = v_scale->select(0, i);
     auto heads = attend_decode(qkv, qk_norms[i], eps, cos, sin, positions, slots, k_cache.select(0, i),
-                               v_cache.select(0, i), n_heads, n_kv);
+                               v_cache.select(0, i), ks, vs, n_heads, n_kv);
     auto attn = linear(heads, weights[l + 1], scales[l + 1], kinds[l + 1], params[l + 1]);
     h = add_rms_norm(x, attn, norms[2 * i + 1], eps, act);
     auto gate_up = linear(h, weights[l + 2], scales[l + 2], kinds[l + 2], params[l + 2]);
@@ -641,22 +951,6 @@ Tensor snake(const Tensor& x_in, const Tensor& alpha_in) {
 constexpr int64_t kTile = 16;
 constexpr int kGroup = 4;  // queries per key block at once in the flash kernel
 
-inline __m512 exp_nonpositive_v(__m512 x) {  // exp_nonpositive on 16 lanes (vscalefps puts 2^n in)
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 template <typename C>
 inline uint16_t bf16_of(C v) {
