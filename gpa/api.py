@@ -110,13 +110,15 @@ class GPA:
             native_decode: run decode steps through gpa's C++ kernels (:mod:`gpa.native`, CPU; compiled once,
                 ~30 s; torch's path where they cannot be built): 0.3B int4 decode step 23.3 -> ~10 ms at 300
                 tokens of context (``bench/decode_step.py --native``). With int8/int4 weights or a bf16 model
-                the KV cache is then bfloat16. Once loaded, the kernels also serve int4 products (AVX512-BF16)
-                and a bf16 decoder's Snake activations.
+                the KV cache is then int8 (see ``kv_cache_dtype``). Once loaded, the kernels also serve int4
+                products (AVX512-BF16) and a bf16 decoder's Snake activations.
             kv_cache_dtype: the KV cache's storage (:data:`gpa.config.KV_CACHE_DTYPES`): "auto" (the LLM's dtype;
-                bfloat16 under native decoding with int8/int4 weights or a bf16 model), "float32", "bfloat16", or
+                int8 under native decoding with int8/int4 weights or a bf16 model), "float32", "bfloat16", or
                 "int8": int8 codes with a float32 scale per position and head, half of bfloat16's bytes, which a
-                decode step at several rows or a long context spends most of its time reading (0.3B, 8 rows at 300
-                positions: attention ~12 -> ~6 ms per step with the native kernels; prefills read it back as bf16).
+                decode step at several rows or a long context spends much of its time reading (0.3B, 8 rows at 300
+                positions: attention ~12 -> ~6-7 ms per step with the native kernels; prefills read it back as
+                bf16). Its accuracy cost is small (``bench/accuracy.py``, 0.3B shapes: logits 1.68 -> 1.75 % from
+                float32 with int8 weights).
             quantize, vocoder_dtype, tokenizer_dtype, native_decode, kv_cache_dtype and dtype left None take the
             checkpoint's ``inference.json`` settings for the device type (the bundled GPA-nano asks for int8, a bfloat16
             decoder, float32 activations and the native kernels on CPU), else the defaults above.

@@ -25,8 +25,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    help=f"decode steps through gpa's C++ CPU kernels, compiled once (~30 s; needs a C++ compiler "
                         f"and ninja) ({SPEED_DEFAULT}off)")
     p.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
-                   help=f"KV cache storage; int8 halves what a decode step reads from it ({SPEED_DEFAULT}auto: the "
-                        "model's dtype, bfloat16 under --native-decode with quantized weights)")
+                   help=f"KV cache storage; int8 halves what a decode step reads from it against bfloat16 "
+                        f"({SPEED_DEFAULT}auto: the model's dtype, int8 under --native-decode with quantized weights)")
 
 
 def speed_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -86,8 +86,8 @@ class ModelConfig:
 
 
 QUANT_MODES = ("none", "int8", "int4")  # LLM weight-only quantization (gpa.quant)
-# The KV cache's storage: "auto" is the model's dtype, bfloat16 under native decoding with bf16 linears; "int8"
-# keeps int8 codes with a float32 scale per position and head (gpa.kv_cache.KVCache).
+# The KV cache's storage: "auto" is the model's dtype, int8 under native decoding with bf16 linears (int8/int4
+# weights); "int8" keeps int8 codes with a float32 scale per position and head (gpa.kv_cache.KVCache).
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 

@@ -105,14 +105,15 @@ def test_greedy_generation_equals_torch(mini_dir, golden, expected, ops):
         assert out == golden[f"greedy16.{key}"].tolist(), key
 
 
-@pytest.mark.parametrize(("quantize", "kv"), [("int8", "auto"), ("int4", "auto"), ("int8", "int8")])
-def test_quantized_bf16_cache_batched_equals_single(mini_dir, quantize, kv, ops):
-    """With int8/int4 weights the cache is bfloat16 (or int8 when asked); sampled tokens batched (rows at different
+@pytest.mark.parametrize(("quantize", "kv"), [("int8", "auto"), ("int4", "auto"), ("int8", "bfloat16"),
+                                         ("int4", "bfloat16")])
+def test_quantized_cache_batched_equals_single(mini_dir, quantize, kv, ops):
+    """With int8/int4 weights the cache is int8 (or bfloat16 when asked); sampled tokens batched (rows at different
     lengths) equal each request alone, and stay close to torch's float32-cache path (logits)."""
     lm = _lm(mini_dir, True, quantize=quantize)
     lm.kv_cache_dtype = kv
     decoder = SlotDecoder(lm, 3, 64)
-    assert decoder.ops is ops and decoder.cache.k.dtype == (torch.int8 if kv == "int8" else torch.bfloat16)
+    assert decoder.ops is ops and decoder.cache.k.dtype == (torch.int8 if kv == "auto" else torch.bfloat16)
     params = SamplingParams(temperature=0.8, top_k=20, max_new_tokens=12)
     reqs = [GenerationRequest(p, params.replace(seed=i)) for i, p in enumerate(_prompts(lm.config.vocab_size,
                                                                                          (9, 30, 4)))]
