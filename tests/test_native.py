@@ -281,6 +281,8 @@ def test_snake_kernel_and_bf16_decoding(ops, mini_dir, golden):
     (16, 8, 128, 70, 0, torch.float32, torch.bfloat16),  # the 0.3B model's heads, a prefill from position 0
     (5, 1, 64, 33, 9, torch.bfloat16, torch.bfloat16),  # GPA-nano's, queries after 9 cached positions
     (2, 2, 32, 16, 0, torch.float32, torch.float32),
+    (16, 8, 128, 301, 37, torch.float32, torch.bfloat16),  # spans of 64 keys every query sees, then the frontier
+    (5, 1, 64, 150, 0, torch.bfloat16, torch.bfloat16),
 ])
 def test_prefill_attention_equals_reference(ops, heads, kv, dim, length, offset, q_dtype, cache_dtype):
     """The flash prefill kernel against torch's causal attention in float32: query t sees keys [0, offset + t];

@@ -300,41 +300,47 @@ void weigh_block(const float* p, const typename P::Cache* values, int64_t n, flo
   }
   const int64_t flush = P::kFlushPairs > 0 ? P::kFlushPairs : pairs;
   for (int c0 = 0; c0 < CH; c0 += CB) {
-    __m512 lo_f[G][CB], hi_f[G][CB];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < CB; ++c) lo_f[g][c] = hi_f[g][c] = _mm512_setzero_ps();
+    // the float32 sums in memory, touched once per flush: kept in registers too, they pushed the integer
+    // accumulators out of theirs
+    alignas(64) float lo_f[G][CB][16] = {}, hi_f[G][CB][16] = {};
     for (int64_t i0 = 0; i0 < pairs; i0 += flush) {
       const int64_t i1 = std::min(pairs, i0 + flush);
       typename P::Acc lo[G][CB], hi[G][CB];
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < CB; ++c) lo[g][c] = hi[g][c] = P::zero();
-      for (int64_t i = i0; i < i1; ++i) {
+      // one pass over row pairs (t, t + 1): an odd n's last row pairs with zeros, outside the loop (a branch in
+      // it cost the accumulators their registers)
+      auto pass = [&](int64_t i, bool pair) __attribute__((always_inline)) {
         const int64_t t = 2 * i;
-        const bool pair = t + 1 < n;
+#pragma GCC unroll 8
         for (int c = 0; c < CB; ++c) {
           const int64_t col = (c0 + c) * 32;
           const __m512i a = P::load(values + t * D + col);
           const __m512i b = pair ? P::load(values + (t + 1) * D + col) : _mm512_setzero_si512();
           const __m512i low = _mm512_unpacklo_epi16(a, b), high = _mm512_unpackhi_epi16(a, b);
+#pragma GCC unroll 8
           for (int g = 0; g < G; ++g) {
             const __m512i weight = _mm512_set1_epi32(static_cast<int32_t>(w[g * pairs + i]));
             lo[g][c] = P::dot(lo[g][c], weight, low);
             hi[g][c] = P::dot(hi[g][c], weight, high);
           }
         }
-      }
+      };
+      const int64_t full = std::min(i1, n / 2);  // pairs [i0, full) have both rows
+      for (int64_t i = i0; i < full; ++i) pass(i, true);
+      if (full < i1) pass(full, false);
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < CB; ++c) {
-          lo_f[g][c] = _mm512_add_ps(lo_f[g][c], as_float(lo[g][c]));
-          hi_f[g][c] = _mm512_add_ps(hi_f[g][c], as_float(hi[g][c]));
+          _mm512_store_ps(lo_f[g][c], _mm512_add_ps(_mm512_load_ps(lo_f[g][c]), as_float(lo[g][c])));
+          _mm512_store_ps(hi_f[g][c], _mm512_add_ps(_mm512_load_ps(hi_f[g][c]), as_float(hi[g][c])));
         }
     }
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < CB; ++c) {
         alignas(64) float l[16], h[16];
         const __m512 factor = _mm512_set1_ps(back[g]);
-        _mm512_store_ps(l, _mm512_mul_ps(lo_f[g][c], factor));
-        _mm512_store_ps(h, _mm512_mul_ps(hi_f[g][c], factor));
+        _mm512_store_ps(l, _mm512_mul_ps(_mm512_load_ps(lo_f[g][c]), factor));
+        _mm512_store_ps(h, _mm512_mul_ps(_mm512_load_ps(hi_f[g][c]), factor));
         float* o = out + g * D + (c0 + c) * 32;
         for (int lane = 0; lane < 4; ++lane)
           for (int j = 0; j < 4; ++j) {
@@ -986,11 +992,15 @@ inline void flash_block(const uint32_t* const* qi, const int64_t* visible, const
   __m512 part[NG][4];  // independent sums: one chain of D / 2 dependent vdpbf16ps would wait on its latency
   for (int j = 0; j < NG; ++j)
     for (int u = 0; u < 4; ++u) part[j][u] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh keys = (__m512bh)_mm512_loadu_si512(kp + p * kTile);
-    for (int j = 0; j < NG; ++j)
-      part[j][p % 4] = _mm512_dpbf16_ps(part[j][p % 4], keys, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(qi[j][p])));
-  }
+  for (int64_t p0 = 0; p0 < pairs; p0 += 4)  // pairs is a multiple of 16
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m512bh keys = (__m512bh)_mm512_loadu_si512(kp + (p0 + u) * kTile);
+#pragma GCC unroll 4
+      for (int j = 0; j < NG; ++j)
+        part[j][u] = _mm512_dpbf16_ps(part[j][u], keys,
+                                      (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(qi[j][p0 + u])));
+    }
   alignas(64) uint32_t pp[NG][kTile / 2];  // probabilities as bf16 pairs (keys 2sp, 2sp + 1)
   __m512 corr[NG];
   for (int j = 0; j < NG; ++j) {
@@ -1018,6 +1028,75 @@ inline void flash_block(const uint32_t* const* qi, const int64_t* visible, const
   }
 }
 
+// flash_block over kSpan key blocks at once that every one of the NG queries sees in full (the bulk of a long
+// prefill, away from the causal frontier): the online softmax's reductions and correction run once per 64 keys
+// instead of once per 16, the NG x kSpan score sums are independent chains, and the weighted values accumulate
+// in two sets per query (even and odd value pair rows) so that their chains are half as long.
+constexpr int kSpan = 4;
+
+template <int CHUNKS, int NG>
+inline void flash_span(const uint32_t* const* qi, const uint32_t* kp, const uint32_t* vp, float scale,
+                       float* const* acc, float* run_max, float* run_sum) {
+  constexpr int64_t D = 16 * CHUNKS, pairs = D / 2, block_words = D * kTile / 2;
+  __m512 sc[NG][kSpan];
+  for (int j = 0; j < NG; ++j)
+    for (int b = 0; b < kSpan; ++b) sc[j][b] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i q[NG];
+#pragma GCC unroll 4
+    for (int j = 0; j < NG; ++j) q[j] = _mm512_set1_epi32(static_cast<int32_t>(qi[j][p]));
+#pragma GCC unroll 4
+    for (int b = 0; b < kSpan; ++b) {
+      const __m512bh keys = (__m512bh)_mm512_loadu_si512(kp + b * block_words + p * kTile);
+#pragma GCC unroll 4
+      for (int j = 0; j < NG; ++j) sc[j][b] = _mm512_dpbf16_ps(sc[j][b], keys, (__m512bh)q[j]);
+    }
+  }
+  alignas(64) uint32_t pp[NG][kSpan * kTile / 2];  // probabilities as bf16 pairs (keys 2sp, 2sp + 1 of the span)
+  __m512 corr[NG];
+  const __m512 factor = _mm512_set1_ps(scale);
+#pragma GCC unroll 4
+  for (int j = 0; j < NG; ++j) {
+    __m512 x[kSpan];  // the scores, scaled (sc is only read here: written back, it lost its registers)
+    __m512 top = x[0] = _mm512_mul_ps(sc[j][0], factor);
+#pragma GCC unroll 4
+    for (int b = 1; b < kSpan; ++b) {
+      x[b] = _mm512_mul_ps(sc[j][b], factor);
+      top = _mm512_max_ps(top, x[b]);
+    }
+    const float new_max = std::max(run_max[j], _mm512_reduce_max_ps(top));
+    const float correction = run_max[j] == -INFINITY ? 0.f : std::exp(run_max[j] - new_max);
+    __m512 total = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int b = 0; b < kSpan; ++b) {
+      const __m512 e = exp_nonpositive_v(_mm512_sub_ps(x[b], _mm512_set1_ps(new_max)));
+      total = _mm512_add_ps(total, e);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[j] + b * kTile / 2), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    run_sum[j] = run_sum[j] * correction + _mm512_reduce_add_ps(total);
+    run_max[j] = new_max;
+    corr[j] = _mm512_set1_ps(correction);
+  }
+  for (int c = 0; c < CHUNKS; ++c) {  // 16 output dims at a time
+    __m512 even[NG], odd[NG];
+    for (int j = 0; j < NG; ++j) {
+      even[j] = _mm512_mul_ps(_mm512_loadu_ps(acc[j] + 16 * c), corr[j]);
+      odd[j] = _mm512_setzero_ps();
+    }
+    for (int b = 0; b < kSpan; ++b)
+      for (int64_t sp = 0; sp < kTile / 2; sp += 2) {  // value pair rows sp (even) and sp + 1 (odd) of block b
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vp + b * block_words + sp * D + 16 * c);
+        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vp + b * block_words + (sp + 1) * D + 16 * c);
+        const int64_t at = b * kTile / 2 + sp;
+        for (int j = 0; j < NG; ++j) {
+          even[j] = _mm512_dpbf16_ps(even[j], v0, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pp[j][at])));
+          odd[j] = _mm512_dpbf16_ps(odd[j], v1, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pp[j][at + 1])));
+        }
+      }
+    for (int j = 0; j < NG; ++j) _mm512_storeu_ps(acc[j] + 16 * c, _mm512_add_ps(even[j], odd[j]));
+  }
+}
+
 template <typename Q, int CHUNKS>
 void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t* kpack, const uint32_t* vpack,
                 int64_t G, int64_t t0, int64_t t1, int64_t offset, float scale, Q* out, int64_t o_tstride,
@@ -1034,7 +1113,28 @@ void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t
         dst[p] = static_cast<uint32_t>(bf16_of(src[2 * p])) | (static_cast<uint32_t>(bf16_of(src[2 * p + 1])) << 16);
     }
   const int64_t last_key = offset + t1 - 1;  // the tile's last query sees keys up to here
-  for (int64_t s0 = 0; s0 <= last_key; s0 += kTile) {
+  const int64_t all_see = offset + t0 + 1;  // keys [0, all_see) are visible to every query of the tile
+  int64_t s0 = 0;
+  for (; s0 + kSpan * kTile <= all_see; s0 += kSpan * kTile) {
+    const uint32_t* kp = kpack + (s0 / kTile) * block_words;
+    const uint32_t* vp = vpack + (s0 / kTile) * block_words;
+    int64_t i = 0;
+    for (; i + kGroup <= nq; i += kGroup) {
+      const uint32_t* qi[kGroup];
+      float* ai[kGroup];
+      for (int n = 0; n < kGroup; ++n) {
+        qi[n] = qp.data() + (i + n) * pairs;
+        ai[n] = acc.data() + (i + n) * D;
+      }
+      flash_span<CHUNKS, kGroup>(qi, kp, vp, scale, ai, run_max.data() + i, run_sum.data() + i);
+    }
+    for (; i < nq; ++i) {
+      const uint32_t* qi[1] = {qp.data() + i * pairs};
+      float* ai[1] = {acc.data() + i * D};
+      flash_span<CHUNKS, 1>(qi, kp, vp, scale, ai, run_max.data() + i, run_sum.data() + i);
+    }
+  }
+  for (; s0 <= last_key; s0 += kTile) {  // the causal frontier, block by block
     const uint32_t* kp = kpack + (s0 / kTile) * block_words;
     const uint32_t* vp = vpack + (s0 / kTile) * block_words;
     int64_t i = 0;
