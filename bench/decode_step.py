@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--worker-thread", action="store_true", help="also time the loop on a worker thread")
     p.add_argument("--native", action="store_true", help="also time gpa's C++ decode kernels (gpa.native)")
     p.add_argument("--kv-bf16", action="store_true",
-                   help="with --native: also time them over a bfloat16 KV cache (theirs is int8 under quantized weights)")
+                   help="with --native: also time them over a bfloat16 KV cache (int8 under quantized weights)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:

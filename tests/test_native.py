@@ -277,16 +277,20 @@ def test_snake_kernel_and_bf16_decoding(ops, mini_dir, golden):
     assert rel_err(streamed[0], wav) < 5e-3  # 1.3e-3 measured: bf16 GEMMs block the sums by chunk length
 
 
-@pytest.mark.parametrize(("heads", "kv", "dim", "length", "offset", "q_dtype", "cache_dtype"), [
-    (16, 8, 128, 70, 0, torch.float32, torch.bfloat16),  # the 0.3B model's heads, a prefill from position 0
-    (5, 1, 64, 33, 9, torch.bfloat16, torch.bfloat16),  # GPA-nano's, queries after 9 cached positions
-    (2, 2, 32, 16, 0, torch.float32, torch.float32),
-    (16, 8, 128, 301, 37, torch.float32, torch.bfloat16),  # spans of 64 keys every query sees, then the frontier
-    (5, 1, 64, 150, 0, torch.bfloat16, torch.bfloat16),
+@pytest.mark.parametrize(("heads", "kv", "dim", "length", "offset", "q_dtype", "cache_dtype", "block"), [
+    (16, 8, 128, 70, 0, torch.float32, torch.bfloat16, 0),  # the 0.3B model's heads, a prefill from position 0
+    (5, 1, 64, 33, 9, torch.bfloat16, torch.bfloat16, 0),  # GPA-nano's, queries after 9 cached positions
+    (2, 2, 32, 16, 0, torch.float32, torch.float32, 0),
+    (16, 8, 128, 301, 37, torch.float32, torch.bfloat16, 0),  # spans of 64 keys every query sees, then the frontier
+    (5, 1, 64, 150, 0, torch.bfloat16, torch.bfloat16, 0),
+    (20, 20, 64, 450, 0, torch.bfloat16, torch.bfloat16, 200),  # GLM's tokenizer: block-causal, blocks of 200
+    (4, 4, 64, 77, 0, torch.float32, torch.bfloat16, 30),
+    (16, 16, 64, 299, 0, torch.float32, torch.bfloat16, -1),  # wav2vec2's: every key
 ])
-def test_prefill_attention_equals_reference(ops, heads, kv, dim, length, offset, q_dtype, cache_dtype):
-    """The flash prefill kernel against torch's causal attention in float32: query t sees keys [0, offset + t];
-    bf16 products and probabilities, float32 softmax; strided q as the model passes it; clear shape errors."""
+def test_prefill_attention_equals_reference(ops, heads, kv, dim, length, offset, q_dtype, cache_dtype, block):
+    """The flash prefill kernel against torch's attention in float32: query t (at position offset + t) sees keys
+    [0, offset + t] (block 0), those or any of its own block of positions (block > 0), or all (block < 0); bf16
+    products and probabilities, float32 softmax; strided q as the model passes it; clear shape errors."""
     if not hasattr(ops, "prefill_attention"):
         pytest.skip("prefill_attention needs AVX512-BF16")
     g = torch.Generator().manual_seed(dim)
@@ -294,13 +298,16 @@ def test_prefill_attention_equals_reference(ops, heads, kv, dim, length, offset,
     q = qkv[:, :, :heads]  # (B, T, H, D), strided like the fused projection's slice
     k = torch.randn(2, kv, offset + length, dim, generator=g).to(cache_dtype)
     v = torch.randn(2, kv, offset + length, dim, generator=g).to(cache_dtype)
-    got = ops.prefill_attention(q, k, v)
+    got = ops.prefill_attention(q, k, v, block)
     allowed = torch.ones(length, offset + length, dtype=torch.bool).tril(offset)
+    if block:
+        position, key = torch.arange(offset, offset + length)[:, None], torch.arange(offset + length)[None]
+        allowed = (allowed | (position // block == key // block)) if block > 0 else torch.ones_like(allowed)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float().transpose(1, 2), k.float(), v.float(),
                                                            attn_mask=allowed, enable_gqa=True).transpose(1, 2)
     assert got.dtype == q_dtype and got.shape == q.shape
     assert rel_err(got.float(), ref) < 5e-3
-    assert torch.equal(got[1:], ops.prefill_attention(q[1:], k[1:], v[1:]))  # rows independent
+    assert torch.equal(got[1:], ops.prefill_attention(q[1:], k[1:], v[1:], block))  # rows independent
     with pytest.raises(RuntimeError, match="prefill_attention: shapes"):
         ops.prefill_attention(q, k[:, :, :length - 1], v[:, :, :length - 1])
 
@@ -326,3 +333,42 @@ def test_prefill_over_the_bf16_cache_runs_the_flash_kernel(mini_dir, ops, monkey
     first = [SlotDecoder(m, 1, 64).prefill_logits(GenerationRequest(prompt, params))[1] for m in (lm, plain)]
     assert len(calls) == lm.config.num_hidden_layers and calls[0][1] == len(prompt)
     assert rel_err(first[0], first[1]) < 2e-2
+
+
+def test_tokenizer_attention_takes_the_flash_kernel_in_bf16(ops, monkeypatch):
+    """In the tokenizers' bfloat16 mode GLM's block-causal attention (no padding) and wav2vec2's full attention run
+    gpa.native's flash kernel, close to torch's kernels on the same bf16 inputs; with padding, in float32, or
+    without the kernels they keep torch's."""
+    if not hasattr(ops, "prefill_attention"):
+        pytest.skip("prefill_attention needs AVX512-BF16")
+    from gpa.codecs import glm, wav2vec2
+
+    calls = []
+
+    class Counting:  # the real kernels, with prefill_attention's calls counted
+        def __getattr__(self, name):
+            fn = getattr(ops, name)
+            return (lambda *args: calls.append(args[3]) or fn(*args)) if name == "prefill_attention" else fn
+
+    torch.manual_seed(0)
+    glm_attn = glm.Attention(128, 2).eval()  # head size 64, as GLM's (1280 / 20)
+    w2v_attn = wav2vec2.Attention(wav2vec2.Wav2Vec2Config(hidden_size=128, num_attention_heads=2)).eval()
+    x = torch.randn(1, 450, 128)
+    valid = torch.ones(1, 450, dtype=torch.bool)
+    mask = glm.attention_mask(valid, 200)
+    encoder = glm.VQEncoder(glm.GLMConfig(d_model=64, n_heads=1, ffn_dim=64, pooling_position=1, quantize_position=1,
+                                          codebook_size=4, max_positions=8))
+    assert encoder._mask(valid, 200)[1] == 200 and encoder._mask(valid, None)[1] == -1
+    assert encoder._mask(torch.tensor([[True, False]]), 200)[1] is None  # padding: the mask tensor only
+    with torch.inference_mode():
+        for fast in (False, True):
+            monkeypatch.setattr(native, "loaded", (lambda: Counting()) if fast else (lambda: None))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = (glm_attn(x, mask, True, 200), w2v_attn(x))
+            if not fast:
+                ref = out
+        assert calls == [200, -1]
+        for got, expected in zip(out, ref, strict=True):
+            assert got.dtype == torch.bfloat16 and rel_err(got.float(), expected.float()) < 1e-2
+        glm_attn(x, mask, True, 200), w2v_attn(x)  # float32: torch's kernels
+        assert calls == [200, -1]

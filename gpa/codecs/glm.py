@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpa import native
 from gpa.codecs.whisper_features import LogMel, WhisperFeatureConfig, pad_to_multiple
 from gpa.weights import CheckpointError, load_strict, read_safetensors
 
@@ -112,11 +113,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
-        """x (B, T, D); mask (B, 1, T, T) bool, True = may attend; None: causal, or full if not ``causal``."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = True, block: int | None = None
+                ) -> torch.Tensor:
+        """x (B, T, D); mask (B, 1, T, T) bool, True = may attend; None: causal, or full if not ``causal``.
+
+        ``block``: the same mask as gpa.native's flash kernel states it (0 causal, > 0 block-causal, < 0 full),
+        where the mask has no padding; the bfloat16 mode then runs that kernel (GLM, 10 s: ~0.18 -> ~0.07 s).
+        """
         b, t, d = x.shape
-        q, k, v = (p(x).view(b, t, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj,
-                                                                            self.v_proj))  # (B, H, T, hd)
+        q, k, v = (p(x).view(b, t, self.n_heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, T, H, hd)
+        if block is not None:
+            y = native.flash_attention(q, k.transpose(1, 2), v.transpose(1, 2), block)
+            if y is not None:
+                return self.out_proj(y.reshape(b, t, d))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal)  # (B, H, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -133,9 +143,10 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
-        """x (B, T, D); ``mask``/``causal`` as in :class:`Attention`."""
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, causal)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = True, block: int | None = None
+                ) -> torch.Tensor:
+        """x (B, T, D); ``mask``/``causal``/``block`` as in :class:`Attention`."""
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, causal, block)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
@@ -199,18 +210,22 @@ class VQEncoder(nn.Module):
                              f"({c.max_positions * CONV_STRIDE} frames); split the audio first")
         x = x + self.embed_positions.weight[: x.shape[1]]
         valid = frame_mask[:, ::CONV_STRIDE]  # (B, T)
-        mask = self._mask(valid, c.block_size)  # (B, 1, T, T)
+        mask, block = self._mask(valid, c.block_size)  # (B, 1, T, T)
         for i, layer in enumerate(self.layers, start=1):
-            x = layer(x, mask)
+            x = layer(x, mask, True, block)
             if i == c.pooling_position:
                 x = self._pool(x)  # (B, T/k, D)
                 valid = valid[:, :: c.pooling_kernel]
-                mask = self._mask(valid, None if c.block_size is None else c.block_size // c.pooling_kernel)
+                mask, block = self._mask(valid, None if c.block_size is None else c.block_size // c.pooling_kernel)
         return nearest_code(x, self.codebook.weight), valid
 
-    def _mask(self, valid: torch.Tensor, block_size: int | None) -> torch.Tensor | None:
-        """The layers' attention mask; None when they attend causally (the reference then drops padding)."""
-        return None if self.config.causal_attention else attention_mask(valid, block_size)
+    def _mask(self, valid: torch.Tensor, block_size: int | None) -> tuple[torch.Tensor | None, int | None]:
+        """The layers' attention mask (None when they attend causally: the reference then drops padding), and
+        the same as the flash kernel's ``block`` where it has no padding (see :class:`Attention`), else None."""
+        if self.config.causal_attention:
+            return None, 0
+        block = (block_size or -1) if bool(valid.all()) else None
+        return attention_mask(valid, block_size), block
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, ceil(T/k), D), right-padding the time axis with zeros to a multiple of k."""

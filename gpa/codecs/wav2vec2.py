@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpa import native
 from gpa.weights import CheckpointError, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, head_dim)
+        q, k, v = (p(x).view(B, T, self.heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, T, H, hd)
+        y = native.flash_attention(q, k.transpose(1, 2), v.transpose(1, 2), -1)  # bf16 mode: gpa's flash kernel
+        if y is not None:
+            return self.out_proj(y.reshape(B, T, D))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
         att = torch.softmax(q @ k.transpose(2, 3) * self.scale, dim=-1)  # (B, H, T, T)
         out = (att @ v).transpose(1, 2).reshape(B, T, D)
         return self.out_proj(out)

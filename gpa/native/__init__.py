@@ -144,3 +144,22 @@ def _import(path: Path) -> ModuleType:
     spec.loader.exec_module(module)
     sys.modules[NAME] = module
     return module
+
+
+def flash_attention(q, k, v, block: int):  # noqa: ANN001, ANN201 (torch is imported lazily here)
+    """q (B, T, H, D), k and v (B, H, S, D) -> (B, T, H, D) through the flash kernel (``prefill_attention``), or
+    None where it does not apply: kernels not loaded or without AVX512-BF16, inputs not bfloat16 (the exact
+    float32 modes keep torch's kernel), autograd on, or a head size it lacks (32, 64, 128).
+
+    ``block``: which keys the query at position p sees: 0 causal, > 0 causal plus all of its own block of
+    ``block`` positions, < 0 all. The audio tokenizers use it in their bfloat16 mode (GLM's block-causal
+    encoder, wav2vec2's full attention).
+    """
+    import torch
+
+    ops = loaded()
+    fn = getattr(ops, "prefill_attention", None)
+    if (fn is None or q.dtype != torch.bfloat16 or q.device.type != "cpu" or torch.is_grad_enabled()
+            or q.shape[-1] not in (32, 64, 128)):
+        return None
+    return fn(q, k.contiguous(), v.contiguous(), block)

@@ -1097,9 +1097,21 @@ inline void flash_span(const uint32_t* const* qi, const uint32_t* kp, const uint
   }
 }
 
+// Which keys a query sees: the query at position p (= offset + its index) sees keys [0, end(p)): p + 1 (causal),
+// the end of p's block of `block` positions (block-causal: causal, plus everything in its own block; GLM's
+// tokenizer), or all S keys (block < 0: no mask; wav2vec2). end(p) never decreases with p.
+struct Visibility {
+  int64_t offset, block, keys;
+  int64_t end(int64_t p) const {
+    if (block < 0) return keys;
+    if (block == 0) return p + 1;
+    return std::min(keys, (p / block + 1) * block);
+  }
+};
+
 template <typename Q, int CHUNKS>
 void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t* kpack, const uint32_t* vpack,
-                int64_t G, int64_t t0, int64_t t1, int64_t offset, float scale, Q* out, int64_t o_tstride,
+                int64_t G, int64_t t0, int64_t t1, const Visibility& vis, float scale, Q* out, int64_t o_tstride,
                 int64_t o_hstride) {
   constexpr int64_t D = 16 * CHUNKS, pairs = D / 2, block_words = D * kTile / 2;
   const int64_t nq = (t1 - t0) * G;  // query i: position t0 + i / G, head i % G
@@ -1112,8 +1124,8 @@ void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t
       for (int64_t p = 0; p < pairs; ++p)
         dst[p] = static_cast<uint32_t>(bf16_of(src[2 * p])) | (static_cast<uint32_t>(bf16_of(src[2 * p + 1])) << 16);
     }
-  const int64_t last_key = offset + t1 - 1;  // the tile's last query sees keys up to here
-  const int64_t all_see = offset + t0 + 1;  // keys [0, all_see) are visible to every query of the tile
+  const int64_t last_key = vis.end(vis.offset + t1 - 1) - 1;  // the tile's last query sees keys up to here
+  const int64_t all_see = vis.end(vis.offset + t0);  // keys [0, all_see) are visible to every query of the tile
   int64_t s0 = 0;
   for (; s0 + kSpan * kTile <= all_see; s0 += kSpan * kTile) {
     const uint32_t* kp = kpack + (s0 / kTile) * block_words;
@@ -1144,7 +1156,7 @@ void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t
       float* ai[kGroup];
       int n = 0;
       for (; n < kGroup && i + n < nq; ++n) {
-        visible[n] = offset + t0 + (i + n) / G + 1 - s0;
+        visible[n] = vis.end(vis.offset + t0 + (i + n) / G) - s0;
         if (visible[n] <= 0) break;
         qi[n] = qp.data() + (i + n) * pairs;
         ai[n] = acc.data() + (i + n) * D;
@@ -1169,20 +1181,20 @@ void flash_tile(const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t
 // flash_tile for D = 128, 64 or 32.
 template <typename Q>
 void run_flash_tile(int64_t D, const Q* q, int64_t q_tstride, int64_t q_hstride, const uint32_t* kpack,
-                    const uint32_t* vpack, int64_t G, int64_t t0, int64_t t1, int64_t offset, float scale, Q* out,
-                    int64_t o_tstride, int64_t o_hstride) {
+                    const uint32_t* vpack, int64_t G, int64_t t0, int64_t t1, const Visibility& vis, float scale,
+                    Q* out, int64_t o_tstride, int64_t o_hstride) {
   if (D == 128)
-    flash_tile<Q, 8>(q, q_tstride, q_hstride, kpack, vpack, G, t0, t1, offset, scale, out, o_tstride, o_hstride);
+    flash_tile<Q, 8>(q, q_tstride, q_hstride, kpack, vpack, G, t0, t1, vis, scale, out, o_tstride, o_hstride);
   else if (D == 64)
-    flash_tile<Q, 4>(q, q_tstride, q_hstride, kpack, vpack, G, t0, t1, offset, scale, out, o_tstride, o_hstride);
+    flash_tile<Q, 4>(q, q_tstride, q_hstride, kpack, vpack, G, t0, t1, vis, scale, out, o_tstride, o_hstride);
   else
-    flash_tile<Q, 2>(q, q_tstride, q_hstride, kpack, vpack, G, t0, t1, offset, scale, out, o_tstride, o_hstride);
+    flash_tile<Q, 2>(q, q_tstride, q_hstride, kpack, vpack, G, t0, t1, vis, scale, out, o_tstride, o_hstride);
 }
 
 // q: (B, T, H, D) float32 or bfloat16 (any strides, D contiguous); k, v: (B, KV, S, D) with S >= T, rows of D
-// contiguous and positions D apart (a view of the KV cache); query t sits at position S - T + t.
-// Returns (B, T, H, D) contiguous in q's dtype.
-Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+// contiguous and positions D apart (a view of the KV cache); query t sits at position S - T + t and sees keys as
+// `block` says (Visibility: 0 causal, > 0 block-causal, < 0 all). Returns (B, T, H, D) contiguous in q's dtype.
+Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t block) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "prefill_attention: q (B, T, H, D), k and v (B, KV, S, D)");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && S >= T && H % KV == 0 &&
@@ -1196,6 +1208,7 @@ Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   auto out = at::empty({B, T, H, D}, q.options());
   std::vector<uint32_t> kpack(B * KV * blocks * block_words), vpack(kpack.size());
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const Visibility vis{S - T, block, S};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, k.scalar_type(), "prefill_attention_kv", [&] {
     const scalar_t* kd = k.data_ptr<scalar_t>();
     const scalar_t* vd = v.data_ptr<scalar_t>();
@@ -1220,7 +1233,7 @@ Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
         const uint32_t* kt = kpack.data() + bh * blocks * block_words;
         const uint32_t* vt = vpack.data() + bh * blocks * block_words;
         scalar_t* ot = od + ((b * T) * H + h * G) * D;
-        run_flash_tile(D, qt, q.stride(1), q.stride(2), kt, vt, G, t0, t1, S - T, scale, ot, H * D, D);
+        run_flash_tile(D, qt, q.stride(1), q.stride(2), kt, vt, G, t0, t1, vis, scale, ot, H * D, D);
       }
     });
   });
@@ -1283,7 +1296,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul", &int4_matmul, "bfloat16 rows times an int4 layer's weights (AVX512-BF16)");
 #endif
 #if defined(GPA_FLASH_BF16)
-  m.def("prefill_attention", &prefill_attention, "causal grouped-query attention of a prefill (AVX512-BF16)");
+  m.def("prefill_attention", &prefill_attention, "grouped-query attention of a prefill (AVX512-BF16)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("block") = 0);
 #endif
   m.def("snake", &snake, "BiCodec's Snake activation on bfloat16 (B, C, T)");
   m.def("int4_dequantize", &int4_dequantize, "an int4 layer's weights as bfloat16 (out, in)");
