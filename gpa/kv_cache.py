@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gpa import native
+
 INT8_READ_DTYPE = torch.bfloat16  # what an int8 cache's entries are read back as (torch's attention path)
 KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}  # KV_CACHE_DTYPES but "auto"
 
@@ -12,8 +14,13 @@ KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """x (..., D) -> int8 codes (..., D) and float32 scales (...): code = round(x / scale), scale = max |x| / 127.
 
-    The rule gpa.native's decode kernel applies to the rows it writes (one scale per position and head).
+    The rule gpa.native's decode kernel applies to the rows it writes (one scale per position and head); its
+    ``quantize_rows`` computes the same in one pass where loaded (CPU; ~10x faster than these torch ops).
     """
+    ops = native.loaded()
+    if ops is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1]:
+        codes, scale = ops.quantize_rows(x)
+        return codes, scale
     x = x.float()
     scale = x.abs().amax(-1) / 127
     codes = torch.where(scale[..., None] > 0, x / scale[..., None], 0.0).round_().clamp_(-127, 127)
@@ -21,7 +28,12 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_rows(codes: Tensor, scale: Tensor, dtype: torch.dtype = INT8_READ_DTYPE) -> Tensor:
-    """The inverse of :func:`quantize_rows` (up to its rounding): codes * scale, in ``dtype``."""
+    """The inverse of :func:`quantize_rows` (up to its rounding): codes * scale, in ``dtype`` (gpa.native's
+    ``dequantize_rows`` where loaded, for bfloat16 from a cache view (B, KV, S, D): the same numbers, one pass)."""
+    ops = native.loaded()
+    if (ops is not None and dtype == torch.bfloat16 and codes.device.type == "cpu" and codes.dim() == 4
+            and codes.stride(-1) == 1):
+        return ops.dequantize_rows(codes, scale)
     return (codes.float() * scale[..., None]).to(dtype)
 
 

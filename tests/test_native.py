@@ -372,3 +372,19 @@ def test_tokenizer_attention_takes_the_flash_kernel_in_bf16(ops, monkeypatch):
             assert got.dtype == torch.bfloat16 and rel_err(got.float(), expected.float()) < 1e-2
         glm_attn(x, mask, True, 200), w2v_attn(x)  # float32: torch's kernels
         assert calls == [200, -1]
+
+
+def test_int8_cache_conversions_equal_torchs(ops, monkeypatch):
+    """gpa.native's quantize_rows / dequantize_rows (used by an int8 cache's prefill writes and reads) give torch's
+    numbers bit for bit: float32 and bfloat16 rows, an all-zero row, a strided view of the cache."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 8, 300, 64, generator=g) * 3).to(dtype)
+        x[0, 1, 2] = 0
+        fast = quantize_rows(x), dequantize_rows(*(t[:, :, :250] for t in quantize_rows(x)))
+        monkeypatch.setattr(native, "loaded", lambda: None)
+        plain = quantize_rows(x), dequantize_rows(*(t[:, :, :250] for t in quantize_rows(x)))
+        monkeypatch.undo()
+        assert torch.equal(fast[0][0], plain[0][0]) and torch.equal(fast[0][1], plain[0][1])
+        assert torch.equal(fast[1], plain[1]) and fast[1].dtype == torch.bfloat16
+        assert not fast[0][0][0, 1, 2].any() and fast[0][1][0, 1, 2] == 0

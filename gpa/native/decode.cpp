@@ -633,6 +633,58 @@ Tensor attend_decode(const Tensor& qkv, const Tensor& norm_w, double eps, const 
   return attend_cache<float>(qkv, norm_w, eps, cos, sin, p, s, k_cache, v_cache, ks, vs, n_heads, n_kv);
 }
 
+// Rows of x (..., D) float32 or bfloat16 as an int8 cache stores them (store_row's rule, which
+// gpa.kv_cache.quantize_rows also states in torch): int8 codes (..., D) and float32 scales (...).
+std::vector<Tensor> quantize_rows(const Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() >= 1 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "quantize_rows: a float32 or bfloat16 tensor (..., D)");
+  const auto x = x_in.contiguous();
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  auto codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto scale_shape = x.sizes().vec();
+  scale_shape.pop_back();
+  auto scales = at::empty(scale_shape, x.options().dtype(at::kFloat));
+  int8_t* c = codes.data_ptr<int8_t>();
+  float* s = scales.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(D);
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t d = 0; d < D; ++d) row[d] = to_f(src[r * D + d]);
+        store_row(row.data(), D, c + r * D, s + r);
+      }
+    });
+  });
+  return {codes, scales};
+}
+
+// The inverse of quantize_rows as torch's attention reads an int8 cache: codes (B, KV, S, D) (rows of D
+// contiguous, any other strides: a view of the cache) times scales (B, KV, S), rounded once to bfloat16;
+// returns a contiguous (B, KV, S, D) tensor.
+Tensor dequantize_rows(const Tensor& codes, const Tensor& scales) {
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 4 && codes.stride(3) == 1,
+              "dequantize_rows: int8 codes (B, KV, S, D) with rows of D contiguous");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 3 && scales.sizes() == codes.sizes().slice(0, 3),
+              "dequantize_rows: float32 scales (B, KV, S) matching the codes");
+  const int64_t B = codes.size(0), KV = codes.size(1), S = codes.size(2), D = codes.size(3);
+  auto out = at::empty(codes.sizes(), codes.options().dtype(at::kBFloat16));
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const float* sc = scales.data_ptr<float>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, B * KV * S, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (KV * S), h = (r / S) % KV, t = r % S;
+      const int8_t* src = c + b * codes.stride(0) + h * codes.stride(1) + t * codes.stride(2);
+      const float step = sc[b * scales.stride(0) + h * scales.stride(1) + t * scales.stride(2)];
+      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]) * step;
+      store_floats(row.data(), D, o + r * D);
+    }
+  });
+  return out;
+}
+
 // residual (B, C) float32 is updated in place by delta (B, C) (any float dtype, or none);
 // returns rms_norm(residual) * weight in out_dtype.
 template <typename Dl, typename O>
@@ -1300,5 +1352,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("block") = 0);
 #endif
   m.def("snake", &snake, "BiCodec's Snake activation on bfloat16 (B, C, T)");
+  m.def("quantize_rows", &quantize_rows, "rows (..., D) as an int8 KV cache stores them: codes and scales");
+  m.def("dequantize_rows", &dequantize_rows, "an int8 KV cache view read back as bfloat16");
   m.def("int4_dequantize", &int4_dequantize, "an int4 layer's weights as bfloat16 (out, in)");
 }
