@@ -39,17 +39,12 @@ def _prompts(vocab: int, lengths: tuple[int, ...]) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_one_step_equals_torch_decode(mini_dir, ops):
-    """float32: the kernels' hidden states equal torch's one-token forward, rows at different positions in
-    scattered slots, with stale garbage beyond each row's position (which must not be read)."""
-    lm = _lm(mini_dir, True)
-    cfg = lm.config
-    prompts = _prompts(cfg.vocab_size, (7, 19, 3))
+def _one_step_both_ways(lm: GPALM, ops, caches: list[KVCache]) -> tuple[torch.Tensor, ...]:
+    """Prompts of 7, 19 and 3 tokens prefilled by torch into slots 2, 0, 3 of both caches, then one step per row:
+    torch's forward over caches[0] and the kernels over caches[1] -> (torch's, the kernels' hidden states,
+    slots, positions)."""
+    prompts = _prompts(lm.config.vocab_size, (7, 19, 3))
     slots = torch.tensor([2, 0, 3])
-    caches = [KVCache(cfg.num_hidden_layers, 4, cfg.num_key_value_heads, 48, cfg.head_dim) for _ in range(2)]
-    for cache in caches:
-        cache.k.normal_(generator=torch.Generator().manual_seed(1))  # stale entries everywhere
-        cache.v.normal_(generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         for cache in caches:
             for slot, prompt in zip(slots.tolist(), prompts, strict=True):
@@ -58,6 +53,19 @@ def test_one_step_equals_torch_decode(mini_dir, ops):
         positions = torch.tensor([len(p) for p in prompts])
         ref = lm(ids[:, None], positions[:, None], cache=caches[0], cache_rows=slots, hidden_only=True)[:, -1]
         got = lm.decode_native(ops, ids, positions, slots, caches[1])
+    return ref, got, slots, positions
+
+
+def test_one_step_equals_torch_decode(mini_dir, ops):
+    """float32: the kernels' hidden states equal torch's one-token forward, rows at different positions in
+    scattered slots, with stale garbage beyond each row's position (which must not be read)."""
+    lm = _lm(mini_dir, True)
+    cfg = lm.config
+    caches = [KVCache(cfg.num_hidden_layers, 4, cfg.num_key_value_heads, 48, cfg.head_dim) for _ in range(2)]
+    for cache in caches:
+        cache.k.normal_(generator=torch.Generator().manual_seed(1))  # stale entries everywhere
+        cache.v.normal_(generator=torch.Generator().manual_seed(2))
+    ref, got, slots, positions = _one_step_both_ways(lm, ops, caches)
     assert got.dtype == torch.float32
     assert rel_err(got, ref) < 1e-5
     for slot, n in zip(slots.tolist(), positions.tolist(), strict=True):  # the new k/v went where torch put them
@@ -71,18 +79,9 @@ def test_one_step_over_int8_cache_equals_torch(mini_dir, ops):
     codes back as bf16), and writes the codes and scales gpa.kv_cache.quantize_rows gives torch's path."""
     lm = _lm(mini_dir, True)
     cfg = lm.config
-    prompts = _prompts(cfg.vocab_size, (7, 19, 3))
-    slots = torch.tensor([2, 0, 3])
     caches = [KVCache(cfg.num_hidden_layers, 4, cfg.num_key_value_heads, 48, cfg.head_dim, dtype=torch.int8)
               for _ in range(2)]
-    with torch.inference_mode():
-        for cache in caches:
-            for slot, prompt in zip(slots.tolist(), prompts, strict=True):
-                lm(torch.tensor([prompt]), cache=cache, cache_rows=slice(slot, slot + 1))
-        ids = torch.tensor([5, 11, 17])
-        positions = torch.tensor([len(p) for p in prompts])
-        ref = lm(ids[:, None], positions[:, None], cache=caches[0], cache_rows=slots, hidden_only=True)[:, -1]
-        got = lm.decode_native(ops, ids, positions, slots, caches[1])
+    ref, got, slots, positions = _one_step_both_ways(lm, ops, caches)
     assert rel_err(got, ref) < 5e-3  # torch's path reads the codes times scales rounded to bf16
     # the new rows: layer 0's from the same inputs, later layers' from inputs as close as the two attentions are
     for slot, n in zip(slots.tolist(), positions.tolist(), strict=True):
@@ -312,26 +311,30 @@ def test_prefill_attention_equals_reference(ops, heads, kv, dim, length, offset,
         ops.prefill_attention(q, k[:, :, :length - 1], v[:, :, :length - 1])
 
 
+def _count_flash_calls(ops, monkeypatch) -> list[tuple]:
+    """Make native.loaded() the real kernels with prefill_attention's calls recorded (their arguments) here."""
+    calls: list[tuple] = []
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(ops, name)
+            return (lambda *args: calls.append(args) or fn(*args)) if name == "prefill_attention" else fn
+
+    monkeypatch.setattr(native, "loaded", lambda: Counting())
+    return calls
+
+
 def test_prefill_over_the_bf16_cache_runs_the_flash_kernel(mini_dir, ops, monkeypatch):
     """A prefill of a model decoding natively (bf16 cache) calls prefill_attention once per layer, and its
     first-token logits stay close to torch's path (float32 attention over a float32 cache)."""
     if not hasattr(ops, "prefill_attention"):
         pytest.skip("prefill_attention needs AVX512-BF16")
-    calls = []
-
-    class Counting:  # the real kernels, with prefill_attention's calls counted
-        def __getattr__(self, name):
-            fn = getattr(ops, name)
-            if name != "prefill_attention":
-                return fn
-            return lambda *args: calls.append(args[0].shape) or fn(*args)
-
-    monkeypatch.setattr(native, "loaded", lambda: Counting())
+    calls = _count_flash_calls(ops, monkeypatch)
     lm, plain = _lm(mini_dir, True, quantize="int8"), _lm(mini_dir, False, quantize="int8")
     prompt = _prompts(lm.config.vocab_size, (23,))[0]
     params = SamplingParams(temperature=0, max_new_tokens=4)
     first = [SlotDecoder(m, 1, 64).prefill_logits(GenerationRequest(prompt, params))[1] for m in (lm, plain)]
-    assert len(calls) == lm.config.num_hidden_layers and calls[0][1] == len(prompt)
+    assert len(calls) == lm.config.num_hidden_layers and calls[0][0].shape[1] == len(prompt)
     assert rel_err(first[0], first[1]) < 2e-2
 
 
@@ -343,13 +346,7 @@ def test_tokenizer_attention_takes_the_flash_kernel_in_bf16(ops, monkeypatch):
         pytest.skip("prefill_attention needs AVX512-BF16")
     from gpa.codecs import glm, wav2vec2
 
-    calls = []
-
-    class Counting:  # the real kernels, with prefill_attention's calls counted
-        def __getattr__(self, name):
-            fn = getattr(ops, name)
-            return (lambda *args: calls.append(args[3]) or fn(*args)) if name == "prefill_attention" else fn
-
+    calls = _count_flash_calls(ops, monkeypatch)
     torch.manual_seed(0)
     glm_attn = glm.Attention(128, 2).eval()  # head size 64, as GLM's (1280 / 20)
     w2v_attn = wav2vec2.Attention(wav2vec2.Wav2Vec2Config(hidden_size=128, num_attention_heads=2)).eval()
@@ -361,17 +358,18 @@ def test_tokenizer_attention_takes_the_flash_kernel_in_bf16(ops, monkeypatch):
     assert encoder._mask(valid, 200)[1] == 200 and encoder._mask(valid, None)[1] == -1
     assert encoder._mask(torch.tensor([[True, False]]), 200)[1] is None  # padding: the mask tensor only
     with torch.inference_mode():
+        counting = native.loaded()
         for fast in (False, True):
-            monkeypatch.setattr(native, "loaded", (lambda: Counting()) if fast else (lambda: None))
+            monkeypatch.setattr(native, "loaded", (lambda: counting) if fast else (lambda: None))
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = (glm_attn(x, mask, True, 200), w2v_attn(x))
             if not fast:
                 ref = out
-        assert calls == [200, -1]
+        assert [args[3] for args in calls] == [200, -1]
         for got, expected in zip(out, ref, strict=True):
             assert got.dtype == torch.bfloat16 and rel_err(got.float(), expected.float()) < 1e-2
         glm_attn(x, mask, True, 200), w2v_attn(x)  # float32: torch's kernels
-        assert calls == [200, -1]
+        assert len(calls) == 2
 
 
 def test_int8_cache_conversions_equal_torchs(ops, monkeypatch):
