@@ -49,6 +49,7 @@ class BenchConfig:
     native_decode: bool = False  # decode steps through gpa's C++ kernels (gpa.native)
     kv_cache_dtype: str | None = None  # KV cache storage (gpa.config.KV_CACHE_DTYPES); None: the checkpoint's, auto
     baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
+    repeat: int = 1  # rounds of every engine measurement (medians reported, the rounds kept under "repeats")
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     backend: str = "torch"  # what generates the tokens: "torch" (gpa's decode loop) or "vllm"
     vllm: VLLMOptions | None = None  # backend "vllm": how to start it (dtype "auto" takes `dtype` above)
@@ -157,13 +158,29 @@ def transformers_baseline(model_dir: Path, model: GPA, voice: Voice, tokens: int
             "rtf": (llm + vocoder) / audio}
 
 
+def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure per key from ``repeat`` rounds of the same measurement: the median of each (the rounds are
+    kept under ``repeats``); a single round as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {k: float(np.median([r[k] for r in runs])) for k in runs[0] if k != "concurrency"}
+    if "concurrency" in runs[0]:
+        out = {"concurrency": runs[0]["concurrency"], **out}
+    return {**out, "repeats": runs}
+
+
 async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
+    """TTS at each concurrency, then ASR; with ``cfg.repeat`` > 1 the whole sequence again, so that each
+    measurement's repeats are spread over the run (this machine's speed drifts), and medians reported."""
     await _tts_round(engine, model, voice, 1, 20)  # warm-up
-    tts = []
-    for n in cfg.concurrency:
-        tts.append(await _tts_round(engine, model, voice, n, cfg.tts_tokens))
-        logger.info("TTS concurrency %d: %s", n, tts[-1])
-    return tts, await _asr_round(engine, model, cfg.asr_seconds)
+    levels: dict[int, list[dict]] = {n: [] for n in cfg.concurrency}
+    asr = []
+    for _ in range(cfg.repeat):
+        for n, runs in levels.items():
+            runs.append(await _tts_round(engine, model, voice, n, cfg.tts_tokens))
+            logger.info("TTS concurrency %d: %s", n, runs[-1])
+        asr.append(await _asr_round(engine, model, cfg.asr_seconds))
+    return [_median_round(runs) for runs in levels.values()], _median_round(asr)
 
 
 def _vllm_options(cfg: BenchConfig, model: GPA) -> VLLMOptions | None:

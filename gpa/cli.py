@@ -127,6 +127,9 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                    help="KV cache storage (default: the checkpoint's inference.json, else auto)")
     p.add_argument("--baseline-tokens", type=int, default=100,
                    help="tokens for the transformers generate baseline (0 skips it)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every TTS concurrency and of ASR, interleaved; medians are reported (the machine's "
+                        "speed drifts: 3 gives steadier figures)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--backend", default="torch", choices=["torch", "vllm"],
                    help="what generates the LLM's tokens: gpa's decode loop or vLLM (needs the vllm extra)")
@@ -144,6 +147,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
         raise CLIError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+    if args.repeat < 1 or min(concurrency) < 1:
+        raise CLIError(f"--repeat and --concurrency take positive integers, got {args.repeat} and {args.concurrency!r}")
     vllm = _vllm_options(args, str(model))
     if vllm is not None:
         _check_vllm(args)
@@ -153,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       vocoder_dtype=args.vocoder_dtype,
                       inline_vocoder=args.inline_vocoder, tokenizer_dtype=args.tokenizer_dtype,
                       native_decode=args.native_decode, kv_cache_dtype=args.kv_cache_dtype,
-                      baseline_tokens=args.baseline_tokens, threads=args.threads,
+                      baseline_tokens=args.baseline_tokens, repeat=args.repeat, threads=args.threads,
                       backend=args.backend, vllm=vllm)
     print(json.dumps(run(cfg), indent=1))
     return 0

@@ -43,3 +43,25 @@ def test_bench_without_concurrency_one_reports_no_c1_figures(mini_dir):
     for key in ("tts_rtf_c1", "tts_ttfa_ms_c1", "decode_tokens_per_s_c1", "tts_speedup_vs_transformers",
                 "tts_xrealtime_c8"):
         assert report[key] is None, key
+
+
+def test_bench_repeat_reports_medians_of_interleaved_rounds(mini_dir, capsys):
+    """--repeat 3: every concurrency and the ASR round run three times, each figure the median of its rounds (kept
+    under "repeats"); nonsense counts are refused."""
+    import json
+
+    import numpy as np
+
+    from gpa.cli import main
+
+    assert main(["bench", "--model", str(mini_dir), "--concurrency", "1,2", "--tts-tokens", "8", "--asr-seconds", "1",
+                 "--baseline-tokens", "0", "--repeat", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["repeat"] == 3 and [r["concurrency"] for r in report["tts"]] == [1, 2]
+    for level in (*report["tts"], report["asr"]):
+        assert len(level["repeats"]) == 3
+        for key in ("wall_s", "rtf_mean" if "rtf_mean" in level else "rtf"):
+            assert level[key] == np.median([r[key] for r in level["repeats"]])
+    assert report["tts_rtf_c1"] == report["tts"][0]["rtf_mean"] and report["asr_rtf"] == report["asr"]["rtf"]
+    assert main(["bench", "--model", str(mini_dir), "--repeat", "0"]) == 2
+    assert "--repeat and --concurrency take positive integers" in capsys.readouterr().err
