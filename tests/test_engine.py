@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -303,15 +304,23 @@ def test_prompt_preparation_uses_every_thread_only_while_nothing_decodes(model, 
     if threads < 2:
         pytest.skip("needs torch to use at least 2 threads")
 
+    def where() -> tuple[int, threading.Thread]:
+        return torch.get_num_threads(), threading.current_thread()
+
     async def main():
         async with Engine(model, EngineConfig(max_slots=2, helper_threads=1)) as eng:
-            idle = await eng._prepare(torch.get_num_threads)
+            idle = await eng._prepare(where)
             stream = await eng.tts("A sentence long enough to keep the engine decoding.", voice, seed=0,
                                    max_new_tokens=400)
             events = stream.__aiter__()
             await events.__anext__()  # decoding has started
-            busy = await eng._prepare(torch.get_num_threads)
+            busy = await eng._prepare(where)
             await stream.aclose()
             return idle, busy
 
-    assert run(main()) == (threads, 1)
+    (idle_threads, idle_thread), (busy_threads, busy_thread) = run(main())
+    assert (idle_threads, busy_threads) == (threads, 1)
+    # The all-threads job ran on a thread of its own, gone since (with its OpenMP team: one left alive beside the
+    # decode loop's made every later decode step ~2x slower); the helper-threads job on the prep thread.
+    assert idle_thread.name == "gpa-prep-burst" and not idle_thread.is_alive()
+    assert busy_thread.name.startswith("gpa-prep")  and busy_thread is not idle_thread

@@ -104,6 +104,30 @@ def _helper_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _burst(fn: Callable[..., Any], args: tuple[Any, ...], threads: int) -> Any:
+    """``fn(*args)`` with ``threads`` torch threads on a new thread, joined: its OpenMP team ends with it.
+
+    Run on the long-lived prep thread instead, a multi-threaded job left that thread's OpenMP team alive
+    after it, more OpenMP threads than cores (see :func:`_helper_threads`): every later decode step ran
+    ~2x slower (0.3B, int4, 2 cores: TTS RTF 0.73 -> 1.24 after one ASR request, decode trunk 7.1 -> 15.5 ms).
+    """
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="gpa-prep-burst")
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 class _Inline:
     """An executor that runs each job at once on the submitting thread (``EngineConfig.inline_vocoder``)."""
 
@@ -299,12 +323,15 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._prep, self._prepare_here, fn, args)
 
     def _prepare_here(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        """Run a prompt-preparation job (audio tokenization) on the prep thread: with every thread while no
-        request is being decoded (nothing to compete with: ASR of 10 s on 2 cores, its prep 4.6 -> ~2.3 s),
-        else with ``helper_threads`` (see :func:`_helper_threads`)."""
-        if self.config.helper_threads is not None:
-            idle = self.backend.running == 0
-            torch.set_num_threads(self._all_threads if idle else self.config.helper_threads)
+        """Run a prompt-preparation job (audio tokenization) from the prep thread: with every thread while no
+        request is being decoded (nothing to compete with: ASR of 10 s on 2 cores, its prep 4.6 -> ~2.3 s), on
+        a thread of its own that ends with the job (see :func:`_burst`), else with ``helper_threads`` (see
+        :func:`_helper_threads`)."""
+        if self.config.helper_threads is None:
+            return fn(*args)
+        if self.backend.running == 0 and self._all_threads > self.config.helper_threads:
+            return _burst(fn, args, self._all_threads)
+        torch.set_num_threads(self.config.helper_threads)
         return fn(*args)
 
     async def tts(self, text: str, reference: Audio | Voice, reference_text: str | None = None,
