@@ -19,7 +19,7 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     ops = native.loaded()
     if ops is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1]:
-        codes, scale = ops.quantize_rows(x)
+        codes, scale = ops.quantize_rows(x)  # a list from C++
         return codes, scale
     x = x.float()
     scale = x.abs().amax(-1) / 127

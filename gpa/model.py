@@ -216,10 +216,10 @@ class Attention(nn.Module):
                 k, v = k.to(q.dtype), v.to(q.dtype)
             return self.o_proj(attend_one(q.reshape(B, H, D), k, v, mask).view(B, 1, H * D))
         flash = getattr(cache.ops, "prefill_attention", None)  # None without the kernels or AVX512-BF16
-        if flash is not None and mask is True and k.dtype == torch.bfloat16 and D in (32, 64, 128) and (
+        if flash is not None and mask is True and k.dtype == torch.bfloat16 and D in native.FLASH_HEAD_SIZES and (
                 k.stride(-2) == v.stride(-2) == D):  # the kernel reads each row's positions D apart (a cache view)
-            # a causal prefill over native decoding's bf16 cache: gpa.native's flash kernel (bf16 products, float32
-            # softmax) instead of converting the keys for torch's float32 one (0.3B, 629 tokens: ~0.35 vs ~0.49 s)
+            # a causal prefill over native decoding's cache (bf16, or int8 read back as bf16): gpa.native's flash
+            # kernel (bf16 products, float32 softmax) instead of converting the keys for torch's float32 one
             return self.o_proj(flash(q, k, v).view(B, T, H * D))
         if k.dtype != q.dtype:  # a bfloat16 (or int8) cache under float32 activations (native decoding's cache)
             k, v = k.to(q.dtype), v.to(q.dtype)

@@ -37,6 +37,7 @@ NAME = "gpa_native_decode"
 # -march=native: the kernels run where they are compiled (the CPU's features are part of the cache key).
 # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without it the loops run on one thread.
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
+FLASH_HEAD_SIZES = (32, 64, 128)  # head sizes prefill_attention (decode.cpp's flash kernel) is built for
 _lock = threading.Lock()
 _state: dict[str, ModuleType | str] = {}  # "module" once loaded, or "error": why it cannot be
 
@@ -160,6 +161,6 @@ def flash_attention(q, k, v, block: int):  # noqa: ANN001, ANN201 (torch is impo
     ops = loaded()
     fn = getattr(ops, "prefill_attention", None)
     if (fn is None or q.dtype != torch.bfloat16 or q.device.type != "cpu" or torch.is_grad_enabled()
-            or q.shape[-1] not in (32, 64, 128)):
+            or q.shape[-1] not in FLASH_HEAD_SIZES):
         return None
     return fn(q, k.contiguous(), v.contiguous(), block)
