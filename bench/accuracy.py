@@ -1,9 +1,9 @@
 """Accuracy cost of the LLM's faster modes: next-token logits against float32 weights and a float32 KV cache.
 
-Each mode (weight quantization x decoding path x KV cache storage) prefills the same prompt and then takes
-the same tokens teacher-forced for ``--steps`` decode steps, so every mode is scored on identical inputs: the
-relative L2 error of its logits against the float32 reference's, per position and over all, and the share of
-positions where its most likely token is the reference's. Works on any checkpoint: the official shapes with
+Each mode (weight quantization x decoding path x KV cache storage x prefill products) prefills the same prompt
+and then takes the same tokens teacher-forced for ``--steps`` decode steps, so every mode is scored on identical
+inputs: the relative L2 error of its logits against the float32 reference's, per position and over all, and the
+share of positions where its most likely token is the reference's. Works on any checkpoint: the official shapes with
 random weights (``make_official_shaped.py``; random Gaussian weights are int4's worst case) or trained ones
 (the bundled GPA-nano, the default). Prints one JSON object.
 
@@ -22,14 +22,16 @@ from gpa.checkpoint import Checkpoint, load_lm, resolve_model
 from gpa.config import SamplingParams
 from gpa.generation import GenerationRequest, SlotDecoder
 
-# name -> (weight quantization, gpa.native's decode kernels, KV cache storage)
+# name -> (weight quantization, gpa.native's decode kernels, KV cache storage, int8 prefill products)
 MODES = {
-    "int8": ("int8", False, "auto"),
-    "int4": ("int4", False, "auto"),
-    "int8_native": ("int8", True, "auto"),
-    "int8_native_kv_int8": ("int8", True, "int8"),
-    "int4_native": ("int4", True, "auto"),
-    "int4_native_kv_int8": ("int4", True, "int8"),
+    "int8": ("int8", False, "auto", False),
+    "int4": ("int4", False, "auto", False),
+    "int8_native": ("int8", True, "auto", False),
+    "int8_native_kv_int8": ("int8", True, "int8", False),
+    "int8_native_kv_int8_prefill_int8": ("int8", True, "int8", True),
+    "int4_native": ("int4", True, "auto", False),
+    "int4_native_kv_int8": ("int4", True, "int8", False),
+    "int4_native_kv_int8_prefill_int8": ("int4", True, "int8", True),
 }
 
 
@@ -76,8 +78,8 @@ def main() -> None:
                               "dtype": args.dtype, "modes": {}}
     dtype = getattr(torch, args.dtype)
     for name in args.modes.split(","):
-        quantize, native, kv = MODES[name]
-        lm = load_lm(ckpt, dtype=dtype, quantize=quantize)
+        quantize, native, kv, int8_prefill = MODES[name]
+        lm = load_lm(ckpt, dtype=dtype, quantize=quantize, int8_prefill=int8_prefill)
         lm.native_decode, lm.kv_cache_dtype = native, kv
         with torch.inference_mode():
             got = logits_along(lm, prompt, forced)

@@ -16,15 +16,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpa import native
 from gpa.audio import SAMPLE_RATE, AudioInput, load_audio
 from gpa.checkpoint import Checkpoint, load_codecs, load_lm, resolve_model
 from gpa.codecs.bicodec import BiCodec
 from gpa.codecs.glm import GLMTokenizer
-from gpa.config import ASR_FALLBACK, DEFAULT_SAMPLING, KV_CACHE_DTYPES, ASRFallback, SamplingParams, Task
+from gpa.config import (
+    ASR_FALLBACK,
+    DEFAULT_SAMPLING,
+    KV_CACHE_DTYPES,
+    TOKENIZER_DTYPES,
+    ASRFallback,
+    SamplingParams,
+    Task,
+)
 from gpa.generation import GenerationRequest, beam_search, generate
 from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.model import GPALM
 from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt
+from gpa.quant import int8_gemm_linears
 from gpa.text import compression_ratio, split_text
 from gpa.vocab import Vocab
 from gpa.voices import BuiltinVoice, builtin_voices, default_voice, lookup
@@ -75,6 +85,7 @@ class GPA:
         self._voices: OrderedDict[tuple[str, str | None], Voice] = OrderedDict()  # LRU of tokenized references
         self._voice_lock = threading.Lock()
         self.tokenizer_dtype = torch.float32  # audio tokenizers' compute dtype (see from_dir)
+        self.tokenizer_precision = "float32"  # and their precision as chosen (gpa.config.TOKENIZER_DTYPES)
 
     def _tokenizing(self) -> contextlib.AbstractContextManager:
         """The precision the audio tokenizers run in: exact float32, or bfloat16 autocast."""
@@ -86,7 +97,8 @@ class GPA:
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, quantize: str | None = None,
                  vocoder_dtype: str | torch.dtype | None = None, tokenizer_dtype: str | None = None,
-                 native_decode: bool | None = None, kv_cache_dtype: str | None = None) -> GPA:
+                 native_decode: bool | None = None, kv_cache_dtype: str | None = None,
+                 int8_prefill: bool | None = None) -> GPA:
         """Load an official-layout checkpoint directory, strictly.
 
         Args:
@@ -104,9 +116,11 @@ class GPA:
                 int8's weight bytes per step, less accurate; see :mod:`gpa.quant`).
             vocoder_dtype: "float32" or "bfloat16" (about 1.7x faster on CPUs with bf16 units) for the codec's
                 decoder (tokenisation: ``tokenizer_dtype``).
-            tokenizer_dtype: "float32" (exact) or "bfloat16": the audio tokenizers (speech -> codes for ASR,
+            tokenizer_dtype: "float32" (exact), "bfloat16": the audio tokenizers (speech -> codes for ASR,
                 VC and reference voices) under bf16 autocast, ~2.2x faster on CPU; a few codes change
-                (GPA-nano, real speech: 99.7 % of prompt ids unchanged; see the README).
+                (GPA-nano, real speech: 99.7 % of prompt ids unchanged; see the README); or "int8": bfloat16 with
+                the encoders' linear layers multiplying in int8 (:class:`gpa.quant.Int8GemmLinear`; 0.3B shapes,
+                10 s: ~2.15 -> ~1.65 s; needs gpa.native's kernels, else bfloat16).
             native_decode: run decode steps through gpa's C++ kernels (:mod:`gpa.native`, CPU; compiled once,
                 ~30 s; torch's path where they cannot be built): 0.3B int4 decode step 23.3 -> ~10 ms at 300
                 tokens of context (``bench/decode_step.py --native``). With int8/int4 weights or a bf16 model
@@ -119,7 +133,12 @@ class GPA:
                 positions: attention ~12 -> ~6-7 ms per step with the native kernels; prefills read it back as
                 bf16). Its accuracy cost is small (``bench/accuracy.py``, 0.3B shapes: logits 1.68 -> 1.75 % from
                 float32 with int8 weights).
-            quantize, vocoder_dtype, tokenizer_dtype, native_decode, kv_cache_dtype and dtype left None take the
+            int8_prefill: with int8/int4 weights, passes over several tokens per row (prompts) multiply in int8
+                with activations quantized per token (:func:`gpa.quant.int8_products`): 0.3B, 629-token prefill
+                ~1.3 -> ~0.8 s; logits error from float32 (``bench/accuracy.py``) int8 1.75 -> 1.88 %, int4
+                18.7 -> 6.1 % (its prompts then run on int8 weights). Needs gpa.native's kernels (else off).
+            quantize, vocoder_dtype, tokenizer_dtype, native_decode, kv_cache_dtype, int8_prefill and dtype left None
+            take the
             checkpoint's ``inference.json`` settings for the device type (the bundled GPA-nano asks for int8, a bfloat16
             decoder, float32 activations and the native kernels on CPU), else the defaults above.
         """
@@ -139,13 +158,21 @@ class GPA:
                 raise ValueError(f"unknown vocoder_dtype {vocoder_dtype!r}; expected one of {tuple(VOCODER_DTYPES)}")
             vocoder_dtype = VOCODER_DTYPES[vocoder_dtype]
         tokenizer_dtype = tokenizer_dtype or wanted.get("tokenizer_dtype", "float32")
-        if tokenizer_dtype not in VOCODER_DTYPES:  # the same two precisions as the decoder's
-            raise ValueError(f"unknown tokenizer_dtype {tokenizer_dtype!r}; expected one of {tuple(VOCODER_DTYPES)}")
+        if tokenizer_dtype not in TOKENIZER_DTYPES:
+            raise ValueError(f"unknown tokenizer_dtype {tokenizer_dtype!r}; expected one of {TOKENIZER_DTYPES}")
+        int8_prefill = bool(wanted.get("int8_prefill", False) if int8_prefill is None else int8_prefill)
+        if int8_prefill and quantize == "none":
+            raise ValueError("int8_prefill needs quantized LLM weights (quantize int8 or int4)")
+        if (tokenizer_dtype == "int8" or int8_prefill) and not _int8_gemm_available(device):
+            logger.warning("int8 products need gpa.native's kernels on CPU (%s): the tokenizers run in bfloat16 and "
+                           "prompts as without int8_prefill", native.unavailable_reason() or f"device {device}")
+            tokenizer_dtype = "bfloat16" if tokenizer_dtype == "int8" else tokenizer_dtype
+            int8_prefill = False
         bicodec, glm = load_codecs(ckpt, device=device)
         if vocoder_dtype != torch.float32:
             bicodec.set_decode_dtype(vocoder_dtype)
         vocab = Vocab.from_dir(ckpt.root, glm_codebook_size=glm.codebook_size)
-        lm = load_lm(ckpt, device=device, dtype=dtype, quantize=quantize)
+        lm = load_lm(ckpt, device=device, dtype=dtype, quantize=quantize, int8_prefill=int8_prefill)
         lm.native_decode = bool(wanted.get("native_decode", False) if native_decode is None else native_decode)
         kv_cache_dtype = kv_cache_dtype or wanted.get("kv_cache_dtype", "auto")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -154,13 +181,27 @@ class GPA:
         if lm.config.vocab_size < vocab.size:
             raise ValueError(f"{ckpt.llm_config}: vocab_size {lm.config.vocab_size} < tokenizer size {vocab.size}")
         model = cls(lm, vocab, bicodec, glm, root=ckpt.root)
-        model.tokenizer_dtype = VOCODER_DTYPES[tokenizer_dtype]
+        model.tokenizer_precision = tokenizer_dtype
+        model.tokenizer_dtype = torch.float32 if tokenizer_dtype == "float32" else torch.bfloat16
         if model.tokenizer_dtype != torch.float32 and isinstance(bicodec, BiCodec):
             # Parts that only ever run under the tokenizers' autocast: their matrices stored in its dtype, which
             # autocast would otherwise cast again on every call (0.3B, 10 s of ASR input: ~0.28 s of copies).
             for part in (glm.encoder, bicodec.wav2vec2, bicodec.encoder):
                 _store_matrices(part, model.tokenizer_dtype)
+        if tokenizer_dtype == "int8":
+            parts = (glm.encoder, bicodec.wav2vec2, bicodec.encoder) if isinstance(bicodec, BiCodec) else (
+                bicodec.whisper,)  # GPA-nano: its content encoder (Whisper tiny.en) makes both code streams
+            count = sum(int8_gemm_linears(part) for part in parts)
+            logger.info("audio tokenizers: %d linear layers multiply in int8", count)
         return model
+
+    def speed_settings(self) -> dict[str, Any]:
+        """The speed and precision settings as loaded (``from_dir``'s arguments after defaults and fallbacks)."""
+        return {"quantize": self.lm.weight_quant, "dtype": str(self.lm.head_weight().dtype).removeprefix("torch."),
+                "vocoder_dtype": str(self.bicodec.decode_dtype).removeprefix("torch."),
+                "tokenizer_dtype": self.tokenizer_precision, "native_decode": self.lm.native_decode,
+                "kv_cache_dtype": self.lm.kv_cache_dtype, "int8_prefill": self.lm.int8_prefill,
+                "device": str(self.device)}
 
     # --- options ----------------------------------------------------------------------------------
 
@@ -351,6 +392,14 @@ class GPA:
         return (wav - wav.mean() if remove_dc else wav).astype(np.float32), self.sample_rate
 
 
+def _int8_gemm_available(device: torch.device) -> bool:
+    """Whether gpa.native's int8 products can run on ``device`` (loading the kernels if need be)."""
+    if device.type != "cpu":
+        return False
+    ops = native.load()
+    return ops is not None and hasattr(ops, "int8_linear")
+
+
 def _store_matrices(module: torch.nn.Module | None, dtype: torch.dtype) -> None:
     """Cast the weights and biases of ``module``'s linear and convolution layers to ``dtype`` (what autocast
     computes them in; norms stay float32, as autocast keeps them)."""
@@ -361,10 +410,10 @@ def _store_matrices(module: torch.nn.Module | None, dtype: torch.dtype) -> None:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          quantize: str | None = None, vocoder_dtype: str | torch.dtype | None = None,
-         tokenizer_dtype: str | None = None, native_decode: bool | None = None, kv_cache_dtype: str | None = None
-         ) -> GPA:
+         tokenizer_dtype: str | None = None, native_decode: bool | None = None, kv_cache_dtype: str | None = None,
+         int8_prefill: bool | None = None) -> GPA:
     """Load a GPA checkpoint directory (see :meth:`GPA.from_dir`); no ``path``: ``$GPA_MODEL``, else the
     bundled GPA-nano (:func:`gpa.checkpoint.resolve_model`)."""
     return GPA.from_dir(resolve_model(path), device=device, dtype=dtype, quantize=quantize,
                         vocoder_dtype=vocoder_dtype, tokenizer_dtype=tokenizer_dtype, native_decode=native_decode,
-                        kv_cache_dtype=kv_cache_dtype)
+                        kv_cache_dtype=kv_cache_dtype, int8_prefill=int8_prefill)

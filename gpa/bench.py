@@ -38,16 +38,17 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
     tts_tokens: int = 250  # semantic tokens per TTS request (5 s of audio)
     asr_seconds: float = 10.0  # length of the ASR input
-    quantize: str = "none"  # "int8" / "int4": weight-only quantized LLM
+    quantize: str | None = None  # "none", "int8" / "int4": weight-only quantized LLM (None: the checkpoint's choice)
     dtype: str | None = None  # LLM dtype: float32, bfloat16, or None (the loader's: bf16 with int8, else float32)
     lookahead: int | None = None  # codes awaited after a chunk; None: exact, below the decoder's lookahead: approximate
     first_chunk: int = 5  # frames in the first audio chunk
     chunk: int = 10  # the largest chunk (chunks double from first_chunk up to it)
-    vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (float32 as loaded) or "bfloat16"
+    vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (the checkpoint's choice), float32 or bfloat16
     inline_vocoder: bool | None = None  # EngineConfig.inline_vocoder: audio on the decode loop's thread (None: auto)
-    tokenizer_dtype: str | None = None  # audio tokenizers: None (the checkpoint's choice, float32) or "bfloat16"
-    native_decode: bool = False  # decode steps through gpa's C++ kernels (gpa.native)
+    tokenizer_dtype: str | None = None  # audio tokenizers (gpa.config.TOKENIZER_DTYPES; None: the checkpoint's choice)
+    native_decode: bool | None = None  # decode steps through gpa's C++ kernels (gpa.native; None: the checkpoint's)
     kv_cache_dtype: str | None = None  # KV cache storage (gpa.config.KV_CACHE_DTYPES); None: the checkpoint's, auto
+    int8_prefill: bool | None = None  # prompts' linear layers in int8 (with int8/int4 weights; None: the checkpoint's)
     baseline_tokens: int = 100  # tokens the transformers baseline generates (0: skip it)
     repeat: int = 1  # rounds of every engine measurement (medians reported, the rounds kept under "repeats")
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
@@ -195,7 +196,7 @@ def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict],
     stream = StreamConfig(first_chunk=cfg.first_chunk, chunk=cfg.chunk, lookahead=cfg.lookahead)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
     engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
-                                        vocoder_dtype=cfg.vocoder_dtype, inline_vocoder=cfg.inline_vocoder,
+                                        inline_vocoder=cfg.inline_vocoder,
                                         backend=cfg.backend,
                                         vllm=_vllm_options(cfg, model)))
     result: dict[str, Any] = {}
@@ -221,9 +222,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dtype = None if cfg.dtype is None else LLM_DTYPES[cfg.dtype]
-    model = GPA.from_dir(cfg.model, device="cpu", dtype=dtype, quantize=cfg.quantize,
+    model = GPA.from_dir(cfg.model, device="cpu", dtype=dtype, quantize=cfg.quantize, vocoder_dtype=cfg.vocoder_dtype,
                          tokenizer_dtype=cfg.tokenizer_dtype, native_decode=cfg.native_decode,
-                         kv_cache_dtype=cfg.kv_cache_dtype)
+                         kv_cache_dtype=cfg.kv_cache_dtype, int8_prefill=cfg.int8_prefill)
     voice = _voice(model)
     tts, asr = _run_engine(model, cfg, voice)
     by_c = {r["concurrency"]: r for r in tts}
@@ -245,6 +246,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,  # largest vLLM process
         "backend": cfg.backend,
         "native_kernels_used": native.loaded() is not None,  # native_decode asked for them; False: not buildable
+        "settings": model.speed_settings(),  # as loaded (the config's None take the checkpoint's choices)
         "inline_vocoder_used": EngineConfig(inline_vocoder=cfg.inline_vocoder).resolved_inline_vocoder(),
         "tts": tts,
         "asr": asr,

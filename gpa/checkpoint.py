@@ -42,7 +42,9 @@ def resolve_model(path: str | Path | None) -> Path:
 
 
 INFERENCE_FILE = "inference.json"  # optional: per device type, the speed settings used when none are given
-INFERENCE_KEYS = ("quantize", "vocoder_dtype", "dtype", "tokenizer_dtype", "native_decode", "kv_cache_dtype")
+INFERENCE_KEYS = ("quantize", "vocoder_dtype", "dtype", "tokenizer_dtype", "native_decode", "kv_cache_dtype",
+                  "int8_prefill")
+_SWITCHES = ("native_decode", "int8_prefill")  # inference.json's true/false settings
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,10 @@ class Checkpoint:
         if not isinstance(chosen, dict) or set(chosen) - set(INFERENCE_KEYS):
             raise CheckpointError(f"{self.inference_file}: expected {{device type: {{setting: value}}}} with "
                                   f"settings among {INFERENCE_KEYS}, got {table!r}")
-        wrong = {k: v for k, v in chosen.items() if not isinstance(v, bool if k == "native_decode" else str)}
+        wrong = {k: v for k, v in chosen.items() if not isinstance(v, bool if k in _SWITCHES else str)}
         if wrong:
-            raise CheckpointError(f"{self.inference_file}: native_decode takes true or false, the others a string; "
-                                  f"got {wrong}")
+            raise CheckpointError(f"{self.inference_file}: {' and '.join(_SWITCHES)} take true or false, the others "
+                                  f"a string; got {wrong}")
         return dict(chosen)
 
     def codec_dirs(self) -> list[Path]:
@@ -150,16 +152,20 @@ def load_codecs(ckpt: Checkpoint, device: str | torch.device = "cpu") -> tuple[A
 
 
 def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            quantize: str = "none") -> GPALM:
+            quantize: str = "none", int8_prefill: bool = False) -> GPALM:
     """Build the LLM from ``config.json`` and load ``model.safetensors`` strictly.
 
     Args:
         quantize: "none", or "int8" / "int4" (CPU) for weight-only quantized linear layers; ``dtype`` stays the dtype of
             the activations, the embedding and the KV cache (see :meth:`gpa.api.GPA.from_dir` for the
             default).
+        int8_prefill: with int8 / int4, passes over several tokens per row (prefills) multiply in int8, activations
+            quantized per token (:func:`gpa.quant.int8_products`; the layers keep int8 GEMM weights too).
     """
     if quantize not in QUANT_MODES:
         raise ValueError(f"unknown quantization {quantize!r}; expected one of {QUANT_MODES}")
+    if int8_prefill and quantize == "none":
+        raise ValueError("int8_prefill needs quantized weights (quantize int8 or int4)")
     try:
         cfg = ModelConfig.from_hf(ckpt.llm_config)
     except (ValueError, KeyError) as e:
@@ -174,6 +180,6 @@ def load_lm(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.d
     logger.info("loaded LLM: %d layers, hidden %d, vocab %d", cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if quantize != "none":
-        quantize_weights(model, quantize)
-        model.weight_quant = quantize
+        quantize_weights(model, quantize, int8_gemm=int8_prefill)
+        model.weight_quant, model.int8_prefill = quantize, int8_prefill
     return model

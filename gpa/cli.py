@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from gpa.audio import AudioError, save_audio
 from gpa.cli_options import add_speed_flags, speed_options
-from gpa.config import ASR_FALLBACK, KV_CACHE_DTYPES, QUANT_MODES, ASRFallback
+from gpa.config import ASR_FALLBACK, ASRFallback
 
 logger = logging.getLogger("gpa")
 
@@ -103,9 +103,9 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     """``gpa bench``: engine speed beside a transformers baseline (its logic lives in gpa.bench)."""
     p = sub.add_parser("bench", help="measure TTS/ASR speed and print one JSON object", formatter_class=fmt)
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--quantize", default="none", choices=list(QUANT_MODES), help="LLM weight quantization")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="LLM dtype (default: bfloat16 activations with --quantize int8, else float32)")
+    add_speed_flags(p)
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated TTS concurrencies")
     p.add_argument("--tts-tokens", type=int, default=250, help="semantic tokens per TTS request (50 per second)")
     p.add_argument("--asr-seconds", type=float, default=10.0, help="ASR input length")
@@ -114,17 +114,9 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                         "fewer: lower latency, approximate chunk tails)")
     p.add_argument("--first-chunk", type=int, default=5, help="frames (20 ms) in the first audio chunk")
     p.add_argument("--chunk", type=int, default=10, help="frames in the largest audio chunk (chunks double up to it)")
-    p.add_argument("--vocoder-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="BiCodec decoding precision (default: as loaded, float32)")
-    p.add_argument("--tokenizer-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="audio tokenizers' precision (default: the checkpoint's inference.json, else float32)")
     p.add_argument("--inline-vocoder", default=None, action=argparse.BooleanOptionalAction,
                    help="decode audio on the decode loop's thread between steps (default: when torch runs at most "
                         "2 threads)")
-    p.add_argument("--native-decode", action="store_true",
-                   help="decode steps through gpa's C++ CPU kernels (compiled once, ~30 s)")
-    p.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
-                   help="KV cache storage (default: the checkpoint's inference.json, else auto)")
     p.add_argument("--baseline-tokens", type=int, default=100,
                    help="tokens for the transformers generate baseline (0 skips it)")
     p.add_argument("--repeat", type=int, default=1,
@@ -153,11 +145,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if vllm is not None:
         _check_vllm(args)
     cfg = BenchConfig(model, concurrency=concurrency, tts_tokens=args.tts_tokens,
-                      asr_seconds=args.asr_seconds, quantize=args.quantize, dtype=args.dtype,
+                      asr_seconds=args.asr_seconds, dtype=args.dtype,
                       lookahead=args.lookahead, first_chunk=args.first_chunk, chunk=args.chunk,
-                      vocoder_dtype=args.vocoder_dtype,
-                      inline_vocoder=args.inline_vocoder, tokenizer_dtype=args.tokenizer_dtype,
-                      native_decode=args.native_decode, kv_cache_dtype=args.kv_cache_dtype,
+                      inline_vocoder=args.inline_vocoder, **speed_options(args),
                       baseline_tokens=args.baseline_tokens, repeat=args.repeat, threads=args.threads,
                       backend=args.backend, vllm=vllm)
     print(json.dumps(run(cfg), indent=1))

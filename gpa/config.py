@@ -89,6 +89,9 @@ QUANT_MODES = ("none", "int8", "int4")  # LLM weight-only quantization (gpa.quan
 # The KV cache's storage: "auto" is the model's dtype, int8 under native decoding with bf16 linears (int8/int4
 # weights); "int8" keeps int8 codes with a float32 scale per position and head (gpa.kv_cache.KVCache).
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+# The audio tokenizers' precision: exact float32; bfloat16 autocast; int8: bfloat16 with every linear layer of the
+# encoders multiplying in int8 (gpa.quant.Int8GemmLinear; needs gpa.native, else bfloat16).
+TOKENIZER_DTYPES = ("float32", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from gpa import native
 from gpa.config import ModelConfig
 from gpa.kv_cache import KVCache
+from gpa.quant import int8_products
 
 _NO_SCALES = torch.empty(0)  # a dense linear's scales in GPALM.decode_native's lists
 
@@ -280,6 +281,8 @@ class GPALM(nn.Module):
         self.weight_quant = "none"  # "int8" or "int4" after gpa.quant.quantize_weights (set by the loader)
         self.native_decode = False  # decode steps through gpa's C++ kernels (gpa.native; set by the loader)
         self.kv_cache_dtype = "auto"  # the decoders' KV cache storage (gpa.config.KV_CACHE_DTYPES; set by the loader)
+        self.int8_prefill = False  # passes over several tokens per row multiply in int8 (gpa.quant.int8_products;
+        # needs quantized layers built with int8_gemm: set by the loader)
         self.head_cache: dict[object, object] = {}  # output heads built for decoding (gpa.generation.SlotDecoder)
         self._native_args: tuple[list, ...] | None = None  # decode_native's per-layer lists (while fused)
         self.model = Decoder(cfg)
@@ -361,8 +364,9 @@ class GPALM(nn.Module):
             ops = native.loaded() if self.native_decode else None
             views = [CacheView(cache, i, positions, cache_rows, max_pos + 1, row_index, ops)
                      for i in range(len(self.model.layers))]
-        for layer, view in zip(self.model.layers, views, strict=True):
-            x = layer(x, rope_cs, mask, view)
+        with int8_products(self.int8_prefill and T > 1):
+            for layer, view in zip(self.model.layers, views, strict=True):
+                x = layer(x, rope_cs, mask, view)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

@@ -8,11 +8,21 @@ its time follows the weight bytes: fp32 4, bf16 2, int8 1, int4 0.5 byte per par
 here (2 cores, the 0.3B model's 28 layers streamed from memory, one row): int8 17.3 ms, int4 8.1 ms,
 bf16 41 ms; the price is accuracy (a random Gaussian matrix's product: 0.8 % error in int8, 8.9 % in
 int4), which the tests and ``gpa eval`` measure.
+
+Int8 products for prefills (``int8_gemm=True``): long prefills are bound by arithmetic, not by weight bytes,
+and an int8 GEMM (VNNI) runs at about twice bf16's rate here (~750-830 against ~340-430 GOP/s at 500-630
+rows). Each layer then also keeps int8 weights (in, out) with a float32 scale per output (from the float
+weights: int4 layers keep a second, finer copy), and inside :func:`int8_products` its products quantize
+every input row to int8 (scale = max |x| / 127) and run in gpa.native's ``int8_linear``: exact int32 sums,
+so a row's result never depends on the other rows of the call. ``bench/accuracy.py`` gives the cost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from typing import Self
 
 import torch
@@ -32,22 +42,59 @@ INT4_BF16_MAX_ROWS = 512  # gpa.native's int4_matmul (AVX512-BF16) against unpac
 # 8 rows 14 vs 23 ms for torch's int4 kernel; 256 rows 325 vs 400 ms; 512: 640 vs 658; 640: 800 vs 800
 INT4_GROUP = 64  # inputs per scale/offset: 32 was 1.7x slower here, 128 and 256 less accurate (9.9 %, 10.9 %)
 INT4_ROW_BLOCK = 64  # the kernel packs rows in blocks of 64: a layer's (and a fused part's) rows are a multiple
+_INT8_PRODUCTS = contextvars.ContextVar("gpa_int8_products", default=False)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def int8_products(enabled: bool = True) -> Iterator[None]:
+    """Within this block (on this thread), layers that keep int8 GEMM weights (``int8_gemm``) multiply in int8
+    when gpa.native is loaded; the LLM's forward opens it for prefills (:attr:`gpa.model.GPALM.int8_prefill`)."""
+    token = _INT8_PRODUCTS.set(enabled)
+    try:
+        yield
+    finally:
+        _INT8_PRODUCTS.reset(token)
+
+
+def gemm_weights(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, in) float weights as int8 GEMM operands: codes (in, out) int8 and scales (out,) float32 with
+    ``weight ~ codes.T * scales[:, None]`` (symmetric, per output; the rule of :class:`Int8Linear`)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.t().contiguous(), scale
 
 
 class _PackedLinear(nn.Module):
     """What the quantized linears share: bf16 inputs to a packed-weight kernel, outputs in the input's dtype,
-    and fusing that makes the parts' row-indexed tensors views of the fused layer's."""
+    fusing that makes the parts' row-indexed tensors views of the fused layer's, and optional int8 GEMM weights
+    (``gemm_codes`` (in, out) int8, ``gemm_scale`` (out,) float32) for :func:`int8_products`."""
 
     in_features: int
     out_features: int
+    gemm_codes: Tensor | None
+    gemm_scale: Tensor | None
 
     def _product(self, flat: Tensor) -> Tensor:
         """(N, in) bf16 -> (N, out)."""
         raise NotImplementedError
 
+    def _keep_gemm(self, operands: tuple[Tensor, Tensor] | None) -> None:
+        """Keep int8 GEMM operands (not in the state dict: they are derived from the weights)."""
+        codes, scale = operands if operands is not None else (None, None)
+        self.register_buffer("gemm_codes", codes, persistent=False)
+        self.register_buffer("gemm_scale", scale, persistent=False)
+
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)  # (N, in)
+        if self.gemm_codes is not None and _INT8_PRODUCTS.get():
+            ops = native.loaded()
+            if ops is not None and hasattr(ops, "int8_linear") and flat.device.type == "cpu":
+                if flat.dtype not in (torch.float32, torch.bfloat16):
+                    flat = flat.float()
+                y = ops.int8_linear(flat, self.gemm_codes, self.gemm_scale).view(*x.shape[:-1], self.out_features)
+                return y if y.dtype == x.dtype else y.to(x.dtype)
         if flat.dtype != torch.bfloat16:
             flat = flat.to(torch.bfloat16)
         y = self._product(flat).view(*x.shape[:-1], self.out_features)
@@ -62,25 +109,31 @@ class _PackedLinear(nn.Module):
         for name, t in tensors.items():
             fused.register_buffer(name, t)
         fused.in_features, fused.out_features = parts[0].in_features, fused.weight.shape[0]
+        gemm = all(p.gemm_codes is not None for p in parts)
+        fused._keep_gemm((torch.cat([p.gemm_codes for p in parts], dim=1), torch.cat([p.gemm_scale for p in parts]))
+                         if gemm else None)
         start = 0
         for p in parts:
             end = start + p.out_features
             for name in shared:
                 setattr(p, name, getattr(fused, name)[start:end])
+            if gemm:  # the parts' GEMM operands become views of the fused ones (their columns)
+                p.gemm_codes, p.gemm_scale = fused.gemm_codes[:, start:end], fused.gemm_scale[start:end]
             start = end
         return fused
 
 
 class Int8Linear(_PackedLinear):
-    """A bias-free Linear with int8 weights (out, in) and bf16 per-row scales."""
+    """A bias-free Linear with int8 weights (out, in) and bf16 per-row scales (with ``int8_gemm``, the same codes
+    also transposed for the int8 GEMM, scaled by those bf16 scales)."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, int8_gemm: bool = False) -> None:
         super().__init__()
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,)
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        codes, scale = gemm_weights(weight)
+        self.register_buffer("weight", codes.t().contiguous())
         self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._keep_gemm((codes, self.scale.float()) if int8_gemm else None)
 
     @classmethod
     def fuse(cls, parts: list[Int8Linear]) -> Int8Linear:
@@ -113,7 +166,7 @@ class Int4Linear(_PackedLinear):
     torch's int4 kernel, or the bf16 GEMM on unpacked weights for long prefills. CPU only.
     """
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, int8_gemm: bool = False) -> None:
         super().__init__()
         if not self.supports(weight):
             raise ValueError(f"int4 needs out features divisible by {INT4_ROW_BLOCK} and in features by "
@@ -128,6 +181,7 @@ class Int4Linear(_PackedLinear):
         scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scale_zero", scale_zero.to(torch.bfloat16))
         self.in_features, self.out_features = k, n
+        self._keep_gemm(gemm_weights(w) if int8_gemm else None)  # from the float weights: finer than int4's
 
     @staticmethod
     def supports(weight: Tensor) -> bool:
@@ -175,11 +229,13 @@ class Int4Linear(_PackedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scale_zero)
 
 
-def quantize_weights(model: nn.Module, mode: str, names: tuple[str, ...] = LINEAR_NAMES) -> int:
+def quantize_weights(model: nn.Module, mode: str, names: tuple[str, ...] = LINEAR_NAMES, int8_gemm: bool = False
+                     ) -> int:
     """Replace bias-free ``nn.Linear`` children called ``names`` by int8 or int4 layers in place.
 
     With ``mode`` "int4", a layer whose shape does not fit the int4 kernel's blocks (and the other
-    projections fused with it, so that fused parts share a type) is stored as int8 instead.
+    projections fused with it, so that fused parts share a type) is stored as int8 instead. With ``int8_gemm``
+    every layer also keeps int8 GEMM operands for :func:`int8_products`.
 
     Returns:
         the number of layers replaced.
@@ -194,12 +250,48 @@ def quantize_weights(model: nn.Module, mode: str, names: tuple[str, ...] = LINEA
         for name, child in children.items():
             if child.weight.device.type != "cpu" and mode == "int4":
                 raise ValueError("int4 weights run on CPU only; use int8 or none on other devices")
-            layer = Int4Linear(child.weight) if int4 else Int8Linear(child.weight).to(child.weight.device)
+            layer = (Int4Linear(child.weight, int8_gemm) if int4
+                     else Int8Linear(child.weight, int8_gemm).to(child.weight.device))
             setattr(parent, name, layer)
             replaced += 1
             fallback += mode == "int4" and not int4
     logger.info("%s weight-only quantization: %d linear layers%s", mode, replaced,
                 f" ({fallback} as int8: shapes outside the int4 kernel's blocks)" if fallback else "")
+    return replaced
+
+
+class Int8GemmLinear(nn.Module):
+    """An ``nn.Linear`` (bias or not) that always multiplies in int8: inputs quantized per row, int8 weights with a
+    float32 scale per output (:func:`gemm_weights`), exact int32 sums, bias added in float32; gpa.native's
+    ``int8_linear``, so only where the kernels are loaded. For encoders whose every call has many rows (the
+    audio tokenizers' ``int8`` precision). Outputs in the input's dtype (float32 or bfloat16)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        codes, scale = gemm_weights(linear.weight)
+        self.register_buffer("codes", codes)  # (in, out) int8
+        self.register_buffer("scale", scale)  # (out,) float32
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().contiguous())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        ops = native.loaded()
+        if ops is None or not hasattr(ops, "int8_linear"):
+            raise RuntimeError("Int8GemmLinear needs gpa.native's kernels (see gpa.native.unavailable_reason)")
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype not in (torch.float32, torch.bfloat16):
+            flat = flat.float()
+        return ops.int8_linear(flat, self.codes, self.scale, self.bias).view(*x.shape[:-1], self.out_features)
+
+
+def int8_gemm_linears(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8GemmLinear` in place; returns how many."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8GemmLinear(child))
+                replaced += 1
     return replaced
 
 

@@ -18,6 +18,7 @@ import torch
 
 import gpa
 import gpa.checkpoint
+from gpa import native
 from gpa.api import GPA
 from gpa.audio import load_audio, volume_normalize
 from gpa.checkpoint import BUNDLED_MODEL, Checkpoint, resolve_model
@@ -432,16 +433,21 @@ def test_inference_json_sets_speed_defaults_and_is_checked(nano_dir, tmp_path):
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"tokenizer_dtype": "bfloat16"}}))
     assert gpa.load(ckpt, device="cpu").tokenizer_dtype == torch.bfloat16
     assert gpa.load(ckpt, device="cpu", tokenizer_dtype="float32").tokenizer_dtype == torch.float32
-    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"tokenizer_dtype": "int8"}}))
-    with pytest.raises(ValueError, match="unknown tokenizer_dtype 'int8'"):
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"tokenizer_dtype": "int16"}}))
+    with pytest.raises(ValueError, match="unknown tokenizer_dtype 'int16'"):
         gpa.load(ckpt, device="cpu")
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"native_decode": True}}))
     assert gpa.load(ckpt, device="cpu").lm.native_decode
     assert not gpa.load(ckpt, device="cpu", native_decode=False).lm.native_decode
     assert not plain.lm.native_decode
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"native_decode": "yes"}}))
-    with pytest.raises(CheckpointError, match="native_decode takes true or false"):
+    with pytest.raises(CheckpointError, match="native_decode and int8_prefill take true or false"):
         gpa.load(ckpt, device="cpu")
+    (ckpt / "inference.json").write_text(json.dumps({"cpu": {"quantize": "int8", "int8_prefill": True}}))
+    assert gpa.load(ckpt, device="cpu").lm.int8_prefill == (native.load() is not None)  # off without the kernels
+    assert not gpa.load(ckpt, device="cpu", int8_prefill=False).lm.int8_prefill and not plain.lm.int8_prefill
+    with pytest.raises(ValueError, match="int8_prefill needs quantized LLM weights"):
+        gpa.load(ckpt, device="cpu", quantize="none")
     assert plain.lm.kv_cache_dtype == "auto"
     (ckpt / "inference.json").write_text(json.dumps({"cpu": {"kv_cache_dtype": "int8"}}))
     model = gpa.load(ckpt, device="cpu")

@@ -15,6 +15,7 @@ from gpa.config import SamplingParams
 from gpa.generation import GenerationRequest, SlotDecoder, generate
 from gpa.kv_cache import KVCache, dequantize_rows, quantize_rows
 from gpa.model import GPALM, RopeTable, rope
+from gpa.quant import gemm_weights
 from tests.conftest import rel_err
 
 
@@ -386,3 +387,89 @@ def test_int8_cache_conversions_equal_torchs(ops, monkeypatch):
         assert torch.equal(fast[0][0], plain[0][0]) and torch.equal(fast[0][1], plain[0][1])
         assert torch.equal(fast[1], plain[1]) and fast[1].dtype == torch.bfloat16
         assert not fast[0][0][0, 1, 2].any() and fast[0][1][0, 1, 2] == 0
+
+
+def _int8_linear_reference(x: torch.Tensor, wt: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    """int8_linear's rule in torch ops: per-row int8 codes (the KV cache's rule), exact int32 products, then
+    sum * (row scale * column scale) (+ bias) in float32, rounded once to x's dtype."""
+    codes, scales = quantize_rows(x)
+    y = torch._int_mm(codes, wt).float() * (scales[:, None] * w_scale[None, :])
+    return (y if bias is None else y + bias).to(x.dtype)
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 64, 96), (37, 200, 130), (64, 512, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_equals_its_rule_and_rows_are_independent(ops, rows, k, n, dtype, with_bias):
+    """gpa.native.int8_linear: bit for bit the torch statement of its rule (a zero row included), each row's
+    result the same when computed alone (exact integer sums: batching cannot change a prompt's products), and
+    within int8's error of the float product."""
+    g = torch.Generator().manual_seed(rows * k + n)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    x[rows // 2] = 0.0
+    weight = torch.randn(n, k, generator=g)
+    wt, w_scale = gemm_weights(weight)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    got = ops.int8_linear(x, wt, w_scale, bias)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    assert torch.equal(got, _int8_linear_reference(x, wt, w_scale, bias))
+    for r in {0, rows // 2, rows - 1}:
+        assert torch.equal(ops.int8_linear(x[r : r + 1], wt, w_scale, bias), got[r : r + 1])
+    exact = torch.nn.functional.linear(x.float(), weight, bias)
+    assert rel_err(got.float(), exact) < 0.02
+    with pytest.raises(RuntimeError, match="wt must be int8"):
+        ops.int8_linear(x, wt.float(), w_scale, bias)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_int8_prefill_multiplies_prompts_in_int8_and_leaves_steps(mini_dir, ops, quantize):
+    """int8_prefill: passes over several tokens per row run the int8 GEMM (their hidden states move: within 5 % of
+    float32's with int8 weights, closer than int4's own with int4, whose prompts then take int8 weights), batched
+    prompts equal single ones exactly, one-token steps are the same computation as without it, and the fused
+    projections' GEMM operands are views (no memory added)."""
+    exact = _lm(mini_dir, False)
+    plain = _lm(mini_dir, False, quantize=quantize)
+    fast = _lm(mini_dir, False, quantize=quantize, int8_prefill=True)
+    assert fast.int8_prefill and not plain.int8_prefill
+    attn = fast.model.layers[0].self_attn
+    assert attn.q_proj.gemm_codes.data_ptr() == attn.fused.proj.gemm_codes.data_ptr()
+    prompts = torch.tensor(_prompts(fast.config.vocab_size, (12, 12)))
+    with torch.inference_mode():
+        ref, before, got = (lm(prompts, hidden_only=True) for lm in (exact, plain, fast))
+        assert not torch.equal(before, got)
+        assert rel_err(got, ref) < (0.05 if quantize == "int8" else rel_err(before, ref))
+        for row in range(2):
+            assert torch.equal(fast(prompts[row : row + 1], hidden_only=True), got[row : row + 1])
+        cfg = fast.config
+        cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 16, cfg.head_dim)
+        fast(prompts[:1], cache=cache)
+        twin = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 16, cfg.head_dim)
+        twin.k.copy_(cache.k)
+        twin.v.copy_(cache.v)
+        step = torch.tensor([[7]]), torch.tensor([[12]])
+        assert torch.equal(fast(*step, cache=cache), plain(*step, cache=twin))
+
+
+def test_int8_prefill_needs_quantized_weights(mini_dir):
+    with pytest.raises(ValueError, match="int8_prefill needs quantized"):
+        load_lm(Checkpoint.open(mini_dir), int8_prefill=True)
+
+
+def test_load_with_int8_products_and_without_the_kernels(mini_dir, golden_inputs, ops, monkeypatch, caplog):
+    """gpa.load(int8_prefill=True, tokenizer_dtype="int8"): the LLM's layers keep GEMM operands and every linear
+    layer of the three encoders multiplies in int8; ASR runs. Where the kernels cannot load, both fall back
+    (prompts as without int8_prefill, tokenizers in bfloat16) with a warning naming them."""
+    import gpa
+    from gpa.quant import Int8GemmLinear
+
+    model = gpa.load(mini_dir, device="cpu", quantize="int8", int8_prefill=True, tokenizer_dtype="int8")
+    assert model.speed_settings()["int8_prefill"] and model.speed_settings()["tokenizer_dtype"] == "int8"
+    for part in (model.glm.encoder, model.bicodec.wav2vec2, model.bicodec.encoder):
+        assert not any(isinstance(m, torch.nn.Linear) for m in part.modules())
+        assert any(isinstance(m, Int8GemmLinear) for m in part.modules())
+    assert isinstance(model.asr(golden_inputs["speech0_22k"]), str)
+    monkeypatch.setattr(native, "load", lambda: None)
+    with caplog.at_level("WARNING"):
+        slow = gpa.load(mini_dir, device="cpu", quantize="int8", int8_prefill=True, tokenizer_dtype="int8")
+    assert not slow.lm.int8_prefill and slow.speed_settings()["tokenizer_dtype"] == "bfloat16"
+    assert "int8 products need gpa.native" in caplog.text

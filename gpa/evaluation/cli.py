@@ -120,13 +120,7 @@ def _run(args: argparse.Namespace) -> int:
 
         model = load(args.model, device=args.device, **speed_options(args))
     settings = {"model": str(Path(args.model).resolve()) if args.model else None,
-                "quantize": model.lm.weight_quant if model is not None else None,
-                "vocoder_dtype": str(model.bicodec.decode_dtype).removeprefix("torch.") if model is not None else None,
-                "dtype": str(model.lm.head_weight().dtype).removeprefix("torch.") if model is not None else None,
-                "tokenizer_dtype": str(model.tokenizer_dtype).removeprefix("torch.") if model is not None else None,
-                "native_decode": model.lm.native_decode if model is not None else None,
-                "kv_cache_dtype": model.lm.kv_cache_dtype if model is not None else None,
-                "device": str(model.device) if model is not None else None}
+                **(model.speed_settings() if model is not None else {})}
     report = evaluate(model, test_sets, spec, judges, references, _options(args), args.save_audio,
                       progress=not args.no_progress, settings=settings)
     if args.out:

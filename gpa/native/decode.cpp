@@ -1339,6 +1339,48 @@ Tensor int4_dequantize(const Tensor& weight, const Tensor& scale_zero, int64_t g
   return out;
 }
 
+// A linear layer in int8 arithmetic: rows of x (M, K) float32 or bfloat16 quantized as quantize_rows does (per
+// row: code = round(x / scale), scale = max |x| / 127), times int8 weights wt (K, N) (a column per output, each with
+// its float32 scale in w_scale (N,)) in torch's int8 GEMM (exact int32 sums: VNNI, twice bf16's rate here), each sum
+// then scaled by its row's and column's scales, plus bias (N,) float32 when given. Returns (M, N) in x's dtype.
+Tensor int8_linear(const Tensor& x_in, const Tensor& wt, const Tensor& w_scale, const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "int8_linear: x must be (M, K) float32 or bfloat16");
+  TORCH_CHECK(wt.scalar_type() == at::kChar && wt.dim() == 2 && wt.size(0) == x_in.size(1),
+              "int8_linear: wt must be int8 (K, N) with K = x.size(1)");
+  const int64_t M = x_in.size(0), N = wt.size(1);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 && w_scale.size(0) == N &&
+              w_scale.is_contiguous(), "int8_linear: w_scale must be contiguous float32 (N,)");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+                "int8_linear: bias must be contiguous float32 (N,)");
+    b = bias->data_ptr<float>();
+  }
+  auto out = at::empty({M, N}, x_in.options());
+  if (M == 0) return out;
+  const auto quantized = quantize_rows(x_in);
+  const auto sums = at::_int_mm(quantized[0], wt).contiguous();  // (M, N) int32
+  const int32_t* acc = sums.data_ptr<int32_t>();
+  const float* xs = quantized[1].data_ptr<float>();
+  const float* ws = w_scale.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "int8_linear", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(N);
+      for (int64_t m = begin; m < end; ++m) {
+        const int32_t* a = acc + m * N;
+        const float s = xs[m];
+        for (int64_t n = 0; n < N; ++n) row[n] = static_cast<float>(a[n]) * (s * ws[n]);
+        if (b)  // a second pass: the product rounded before the bias is added (no fused multiply-add)
+          for (int64_t n = 0; n < N; ++n) row[n] += b[n];
+        store_floats(row.data(), N, o + m * N);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1355,4 +1397,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "rows (..., D) as an int8 KV cache stores them: codes and scales");
   m.def("dequantize_rows", &dequantize_rows, "an int8 KV cache view read back as bfloat16");
   m.def("int4_dequantize", &int4_dequantize, "an int4 layer's weights as bfloat16 (out, in)");
+  m.def("int8_linear", &int8_linear, "rows quantized to int8 times int8 weights (K, N), scaled, plus bias",
+        py::arg("x"), py::arg("wt"), py::arg("w_scale"), py::arg("bias") = py::none());
 }
