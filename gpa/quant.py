@@ -264,7 +264,9 @@ class Int8GemmLinear(nn.Module):
     """An ``nn.Linear`` (bias or not) that always multiplies in int8: inputs quantized per row, int8 weights with a
     float32 scale per output (:func:`gemm_weights`), exact int32 sums, bias added in float32; gpa.native's
     ``int8_linear``, so only where the kernels are loaded. For encoders whose every call has many rows (the
-    audio tokenizers' ``int8`` precision). Outputs in the input's dtype (float32 or bfloat16)."""
+    audio tokenizers' ``int8`` precision). Outputs in the input's dtype (float32 or bfloat16), or under CPU
+    autocast in its dtype, as ``nn.Linear`` would (so what follows, e.g. the bf16 flash attention, runs as it
+    would there)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -281,7 +283,9 @@ class Int8GemmLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.dtype not in (torch.float32, torch.bfloat16):
             flat = flat.float()
-        return ops.int8_linear(flat, self.codes, self.scale, self.bias).view(*x.shape[:-1], self.out_features)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else flat.dtype
+        y = ops.int8_linear(flat, self.codes, self.scale, self.bias, dtype if dtype == torch.bfloat16 else None)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def int8_gemm_linears(module: nn.Module) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -63,6 +64,34 @@ def _listing(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def build_for_loading(factory: Callable[[], ModuleT]) -> ModuleT:
+    """``factory()`` built without random initialisation, for a module whose parameters and persistent buffers
+    :func:`load_strict` fills next (BiCodec and wav2vec2 at the official size: ~1.7 s of random init skipped).
+
+    The module is built under ``torch.device("meta")``; its meta tensors then get uninitialised CPU storage.
+    Tensors the constructor makes with an explicit device (filterbanks, windows: non-persistent buffers) are
+    kept; a non-persistent buffer left on meta would never be loaded, so it is an error.
+    """
+    with torch.device("meta"):
+        module = factory()
+    persistent = set(module.state_dict())
+    for prefix, mod in module.named_modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_meta:
+                mod._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_meta:
+                full = f"{prefix}.{name}" if prefix else name
+                if full not in persistent:
+                    raise RuntimeError(f"{full}: a non-persistent buffer built on the meta device would never be "
+                                       "loaded; construct it with an explicit device")
+                mod._buffers[name] = torch.empty_like(b, device="cpu")
+    return module
 
 
 def load_strict(

@@ -17,7 +17,7 @@ from gpa.kv_cache import KVCache
 from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.sampling import repetition_penalty, top_k_filter, top_p_filter
 from gpa.vocab import Vocab
-from gpa.weights import CheckpointError
+from gpa.weights import CheckpointError, build_for_loading, load_strict
 from tests.conftest import rel_err
 
 
@@ -344,3 +344,27 @@ def test_filters_on_an_id_subset_equal_the_full_vocabulary():
             f.apply(full, generated)
             f.apply_ids(sub, ids, generated)
             assert torch.equal(sub, full[:, ids]), (f, generated)
+
+
+def test_build_for_loading_skips_init_and_keeps_computed_buffers():
+    """build_for_loading: parameters and persistent buffers get (uninitialised) CPU storage that load_strict then
+    fills, buffers the constructor computed on an explicit device are kept as computed, and a non-persistent
+    buffer that would be left on the meta device is refused."""
+
+    class Part(torch.nn.Module):
+        def __init__(self, stray: bool = False) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3)
+            self.register_buffer("stats", torch.zeros(3))
+            self.register_buffer("window", torch.hann_window(8, device="cpu"), persistent=False)
+            if stray:
+                self.register_buffer("lost", torch.ones(2), persistent=False)
+
+    part = build_for_loading(Part)
+    assert all(t.device.type == "cpu" for t in [*part.parameters(), *part.buffers()])
+    assert torch.equal(part.window, torch.hann_window(8))
+    state = {"proj.weight": torch.randn(3, 4), "proj.bias": torch.randn(3), "stats": torch.randn(3)}
+    load_strict(part, state, "test")
+    assert all(torch.equal(part.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(RuntimeError, match="lost: a non-persistent buffer built on the meta device"):
+        build_for_loading(lambda: Part(stray=True))

@@ -31,7 +31,7 @@ from gpa.codecs.bicodec_stream import IncrementalDecoder
 from gpa.codecs.checks import check_batch, check_codes
 from gpa.codecs.mel import slaney_filterbank
 from gpa.codecs.wav2vec2 import Wav2Vec2, normalize_input
-from gpa.weights import CheckpointError, fold_weight_norm, load_strict, read_safetensors
+from gpa.weights import CheckpointError, build_for_loading, fold_weight_norm, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class BiCodec(nn.Module):
         m = cfg.mel_params
         fb = slaney_filterbank(m.sample_rate, m.n_fft, m.num_mels, m.mel_fmin, m.mel_fmax)
         self.register_buffer("mel_fb", torch.from_numpy(fb).float(), persistent=False)  # (F, M)
-        self.register_buffer("mel_window", torch.hann_window(m.win_length), persistent=False)
+        self.register_buffer("mel_window", torch.hann_window(m.win_length, device="cpu"), persistent=False)
         self.wav2vec2: Wav2Vec2 | None = None
 
     @property
@@ -277,7 +277,8 @@ class BiCodec(nn.Module):
             decode_dtype: precision of the decoder alone (see :meth:`set_decode_dtype`); None: ``dtype``.
         """
         path = Path(path)
-        model = cls(_read_config(path / "config.yaml"))
+        config = _read_config(path / "config.yaml")
+        model = build_for_loading(lambda: cls(config))  # no random init: load_strict fills every tensor
         weights = path / "model.safetensors"
         state = fold_weight_norm(read_safetensors(weights))
         load_strict(model, state, str(weights), ignore_unexpected=_UNUSED_PREFIXES)

@@ -195,8 +195,8 @@ class FSQ(nn.Module):
         self.project_in = nn.Linear(dim, len(levels))
         self.project_out = nn.Linear(len(levels), dim)
         basis = [math.prod(levels[:i]) for i in range(len(levels))]
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
-        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int32), persistent=False)
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32, device="cpu"), persistent=False)
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int32, device="cpu"), persistent=False)
 
     @property
     def codebook_size(self) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 
 from gpa import native
 from gpa.codecs.whisper_features import LogMel, WhisperFeatureConfig, pad_to_multiple
-from gpa.weights import CheckpointError, load_strict, read_safetensors
+from gpa.weights import CheckpointError, build_for_loading, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +272,7 @@ class GLMTokenizer(nn.Module):
             raise CheckpointError(f"GLM tokenizer directory not found: {path}")
         config = GLMConfig.from_dict(_read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
         features = WhisperFeatureConfig.from_file(path / FEATURES_FILE)
-        with torch.device("meta"):
-            encoder = VQEncoder(config)
-        encoder.to_empty(device="cpu")  # skip random init: load_strict overwrites every tensor
+        encoder = build_for_loading(lambda: VQEncoder(config))  # no random init: load_strict fills every tensor
         skipped = tuple(f"layers.{i}." for i in range(config.quantize_position, config.encoder_layers))
         state = read_safetensors(path / WEIGHTS_FILE)
         load_strict(encoder, state, str(path / WEIGHTS_FILE), ignore_unexpected=UNUSED_KEYS + skipped)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpa import native
-from gpa.weights import CheckpointError, load_strict, read_safetensors
+from gpa.weights import CheckpointError, build_for_loading, load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class Wav2Vec2(nn.Module):
             raise CheckpointError(f"bad wav2vec2 config {config_file}: {e}") from e
         if num_layers is not None and num_layers > cfg.num_hidden_layers:
             raise CheckpointError(f"{config_file} has {cfg.num_hidden_layers} layers; {num_layers} are needed")
-        model = cls(cfg, num_layers)
+        model = build_for_loading(lambda: cls(cfg, num_layers))  # no random init: load_strict fills every tensor
         weights = path / "model.safetensors"
         if not weights.is_file() and (path / "pytorch_model.bin").is_file():
             raise CheckpointError(f"missing checkpoint file: {weights}; only pytorch_model.bin is there, and gpa "

@@ -1342,8 +1342,10 @@ Tensor int4_dequantize(const Tensor& weight, const Tensor& scale_zero, int64_t g
 // A linear layer in int8 arithmetic: rows of x (M, K) float32 or bfloat16 quantized as quantize_rows does (per
 // row: code = round(x / scale), scale = max |x| / 127), times int8 weights wt (K, N) (a column per output, each with
 // its float32 scale in w_scale (N,)) in torch's int8 GEMM (exact int32 sums: VNNI, twice bf16's rate here), each sum
-// then scaled by its row's and column's scales, plus bias (N,) float32 when given. Returns (M, N) in x's dtype.
-Tensor int8_linear(const Tensor& x_in, const Tensor& wt, const Tensor& w_scale, const c10::optional<Tensor>& bias) {
+// then scaled by its row's and column's scales, plus bias (N,) float32 when given. Returns (M, N) in out_dtype
+// (float32 or bfloat16; default x's dtype).
+Tensor int8_linear(const Tensor& x_in, const Tensor& wt, const Tensor& w_scale, const c10::optional<Tensor>& bias,
+                   c10::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "int8_linear: x must be (M, K) float32 or bfloat16");
   TORCH_CHECK(wt.scalar_type() == at::kChar && wt.dim() == 2 && wt.size(0) == x_in.size(1),
@@ -1357,7 +1359,9 @@ Tensor int8_linear(const Tensor& x_in, const Tensor& wt, const Tensor& w_scale, 
                 "int8_linear: bias must be contiguous float32 (N,)");
     b = bias->data_ptr<float>();
   }
-  auto out = at::empty({M, N}, x_in.options());
+  const auto dtype = out_dtype.value_or(x_in.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_linear: out_dtype must be float32 or bfloat16");
+  auto out = at::empty({M, N}, x_in.options().dtype(dtype));
   if (M == 0) return out;
   const auto quantized = quantize_rows(x_in);
   const auto sums = at::_int_mm(quantized[0], wt).contiguous();  // (M, N) int32
@@ -1398,5 +1402,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_rows", &dequantize_rows, "an int8 KV cache view read back as bfloat16");
   m.def("int4_dequantize", &int4_dequantize, "an int4 layer's weights as bfloat16 (out, in)");
   m.def("int8_linear", &int8_linear, "rows quantized to int8 times int8 weights (K, N), scaled, plus bias",
-        py::arg("x"), py::arg("wt"), py::arg("w_scale"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("wt"), py::arg("w_scale"), py::arg("bias") = py::none(),
+        py::arg("out_dtype") = py::none());
 }
