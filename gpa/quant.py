@@ -38,8 +38,9 @@ INT8_KERNEL_MAX_ROWS = 24  # measured here (0.3B, whole forward): the int8 kerne
 INT4_KERNEL_MAX_ROWS = 256  # measured here (0.3B, all 28 layers): unpacking every weight to bf16 costs ~0.4-0.5 s,
 # the int4 kernel 2.7 ms per row; at 256 rows they tie (714 vs 741 ms), at ASR's ~630-row prefill the bf16 GEMM wins
 INT4_NATIVE_MAX_ROWS = 64  # the same with gpa.native's unpacking (84 ms for all 28 layers): they tie at 64 rows
-INT4_BF16_MAX_ROWS = 512  # gpa.native's int4_matmul (AVX512-BF16) against unpacking + the bf16 GEMM, 28 layers:
-# 8 rows 14 vs 23 ms for torch's int4 kernel; 256 rows 325 vs 400 ms; 512: 640 vs 658; 640: 800 vs 800
+INT4_NATIVE_GEMM_MAX_ROWS = 512  # gpa.native's int4_matmul against unpacking + the bf16 GEMM, 28 layers (measured
+# with its earlier bf16 products; the integer ones are ~2x faster): 8 rows 14 vs 23 ms for torch's int4 kernel; 256
+# rows 325 vs 400 ms; 512: 640 vs 658; 640: 800 vs 800
 INT4_GROUP = 64  # inputs per scale/offset: 32 was 1.7x slower here, 128 and 256 less accurate (9.9 %, 10.9 %)
 INT4_ROW_BLOCK = 64  # the kernel packs rows in blocks of 64: a layer's (and a fused part's) rows are a multiple
 _INT8_PRODUCTS = contextvars.ContextVar("gpa_int8_products", default=False)
@@ -161,9 +162,10 @@ class Int4Linear(_PackedLinear):
     ``weight``: (out, in / 2) uint8, two 4-bit values per byte in the kernel's row-block layout;
     ``scale_zero``: (in / INT4_GROUP, out, 2) bfloat16, so that a weight is ``(q - 8) * scale + zero``
     with q in 0..15. The product runs on bf16 inputs (the kernel's float32 path was ~8x slower here)
-    and returns in the activations' dtype: up to INT4_BF16_MAX_ROWS rows through gpa.native's
-    ``int4_matmul`` once the kernels are loaded (AVX512-BF16; same packing, float32 sums), else
-    torch's int4 kernel, or the bf16 GEMM on unpacked weights for long prefills. CPU only.
+    and returns in the activations' dtype: up to INT4_NATIVE_GEMM_MAX_ROWS rows through gpa.native's
+    ``int4_matmul`` once the kernels are loaded (AVX512-VNNI: each row rounded to int8 per group of 64 inputs,
+    exact integer products, the same packing), else torch's int4 kernel, or the bf16 GEMM on unpacked
+    weights for long prefills. CPU only.
     """
 
     def __init__(self, weight: Tensor, int8_gemm: bool = False) -> None:
@@ -221,7 +223,7 @@ class Int4Linear(_PackedLinear):
 
     def _product(self, flat: Tensor) -> Tensor:
         ops = native.loaded()
-        if ops is not None and hasattr(ops, "int4_matmul") and flat.shape[0] <= INT4_BF16_MAX_ROWS:
+        if ops is not None and hasattr(ops, "int4_matmul") and flat.shape[0] <= INT4_NATIVE_GEMM_MAX_ROWS:
             return ops.int4_matmul(flat, self.weight, self.scale_zero)
         limit = INT4_KERNEL_MAX_ROWS if ops is None else INT4_NATIVE_MAX_ROWS
         if flat.shape[0] > limit:  # prefill: the bf16 GEMM on weights unpacked now is faster

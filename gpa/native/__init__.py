@@ -3,9 +3,10 @@
 A decode step at one or a few rows is dominated on a CPU by per-op overhead and the KV-cache read,
 not by arithmetic: torch runs ~40 small ops per layer. ``decode.cpp`` runs every decoder layer in one
 call (QK-norm + RoPE + cache write + attention over a bfloat16 or float32 cache; residual add +
-RMSNorm; SwiGLU; the linear layers through torch's dense and int8 kernels and its own int4 product on
-AVX512-BF16, which :class:`gpa.quant.Int4Linear` also uses once the kernels are loaded). BiCodec's bf16
-decoder takes its fused Snake activation from here too.
+RMSNorm; SwiGLU; the linear layers through torch's dense and int8 kernels and its own int4 product in
+integer arithmetic on AVX512-VNNI, which :class:`gpa.quant.Int4Linear` also uses once the kernels are loaded).
+BiCodec's bf16 decoder takes its fused Snake activation from here too; prompts and the audio tokenizers take
+the flash attention and the int8 products (``int8_linear``).
 
 The extension is compiled once per machine and source version with torch's ``cpp_extension`` (a C++
 compiler and ninja are needed, ~30 s) in a private temporary directory, then moved into the cache

@@ -8,7 +8,8 @@
 //     and a bfloat16 cache, the products run as bf16 pairs with float32 sums;
 //   add_rms_norm: the residual add and the next RMSNorm in one pass;
 //   silu_mul: SwiGLU's activation over the fused gate/up output;
-//   linear: torch's dense or int8 kernel, or int4_matmul (below; torch's int4 kernel without AVX512-BF16),
+//   linear: torch's dense or int8 kernel, or int4_matmul (below: integer products, AVX512-VNNI; torch's int4
+//     kernel without it),
 //     whichever the layer's weights are.
 // Math is float32 inside; activations and the cache may be float32 or bfloat16. int4_dequantize unpacks int4
 // weights to bfloat16 for long prefills, where a bf16 GEMM beats the int4 product. Beside the decode step:
@@ -757,80 +758,110 @@ Tensor silu_mul(const Tensor& gate_up) {
   return out;
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-#define GPA_INT4_BF16 1
-// int4 weights times a few bfloat16 rows, with AVX512-BF16. torch's int4 kernel computes in float32 and at 8 rows
-// is bound by arithmetic. Here the weights stay integers: a nibble q becomes the bfloat16 128 + q exactly (bits
-// 0x4300 | q), so the products run as bf16 pairs with float32 sums (vdpbf16ps, 32 per instruction, no float
-// arithmetic per weight) and each group's scale and offset are applied once per group; since w = (q - 8) * scale
-// + zero:
-//   out[m, j] = sum_g scale[g, j] * S[m, g, j] + (zero[g, j] - 136 scale[g, j]) * xsum[m, g],
-//   S[m, g, j] = sum over the group's inputs k of (128 + q[j, k]) * x[m, k],  xsum[m, g] = sum of those x[m, k].
-// In torch's layout (per block of 64 rows, input k's 32 bytes hold rows j (low nibble) and j + 32 (high)), inputs
-// k and k + 1 of a block share one 64-byte line, and one byte permutation turns a half block's 16 bytes of each
-// into the 16 lanes' (k, k + 1) pairs: rows 16 h + i from the low nibbles, 32 + 16 h + i from the high ones.
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define GPA_INT4_VNNI 1
 constexpr int64_t kInt4Group = 64;
-constexpr int64_t kRowTile = 8;  // rows of x per pass over a half block: 8 x 2 group sums in registers
 
 inline __m512 bf16_high_half(__m512i pairs) {  // the bf16 in each dword's high 16 bits, as float32
   return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 inline __m512 bf16_low_half(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
 
+// int4 weights times a few rows in integer arithmetic (AVX512-VNNI): each row of x is quantized per group of 64
+// inputs to int8 (scale sx = max |x| / 127, code = round(x / sx)), and the nibbles q (0..15) meet the codes in
+// vpdpbusd, 64 exact u8 x s8 products per instruction; per group, with w = (q - 8) * scale + zero:
+//   out[m, j] = sum_g sx[m, g] * scale[g, j] * Q[m, g, j] + (zero[g, j] - 8 scale[g, j]) * xsum[m, g],
+//   Q[m, g, j] = sum over the group's inputs k of q[j, k] * code[m, k],  xsum[m, g] = sx[m, g] * sum of those codes,
+// i.e. exactly the weights times the quantized row (xsum of x itself would leave the codes' rounding times the
+// uncentred q * scale: ~2-4x the error). In torch's layout (per block of 64 rows, input k's 32 bytes hold rows j
+// (low nibble) and j + 32 (high), so a 64-byte line holds inputs k and k + 1), one two-source byte permutation of lines k/k+1 and k+2/k+3 gives 16 rows'
+// four inputs per 32-bit lane; masking and shifting the nibbles gives rows j and j + 32. Per 256 weights that is
+// ~13 instructions against ~28 for bf16 products of the nibbles (gpa's earlier AVX512-BF16 kernel), which left
+// one row's decode step bound by arithmetic at about half the memory bandwidth (0.3B, 28 layers at one row:
+// 6.5 ms, ~19 GB/s). Rounding x to int8 costs ~0.6 % relative on a product (0.2 % in bf16), int4 itself ~9 %.
+constexpr int64_t kRowTile = 4;  // rows of x per pass over a block: 4 x 4 int32 accumulators
+
 template <int MT>
-void int4_half_block(const uint8_t* block, const c10::BFloat16* sz, int64_t n, int64_t row0, int half, int64_t groups,
-                     const c10::BFloat16* x, int64_t k, const float* xsum, c10::BFloat16* out) {
-  alignas(64) uint8_t idx_bytes[64];
-  for (int i = 0; i < 16; ++i) {
-    idx_bytes[4 * i] = static_cast<uint8_t>(16 * half + i);
-    idx_bytes[4 * i + 2] = static_cast<uint8_t>(32 + 16 * half + i);
-    idx_bytes[4 * i + 1] = idx_bytes[4 * i + 3] = 0;
-  }
-  const __m512i idx = _mm512_load_si512(idx_bytes);
-  const __mmask64 even = 0x5555555555555555ULL;  // each word's high byte zeroed
-  const __m512i low4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
-  const __m512 offset = _mm512_set1_ps(-136.f);
-  const int64_t lo_row = row0 + 16 * half, hi_row = row0 + 32 + 16 * half;
-  alignas(64) float tot[MT][32] = {};  // the totals (lo rows, then hi rows): in L1, touched once per group
+void int4_vnni_block(const uint8_t* block, const c10::BFloat16* sz, int64_t n, int64_t row0, int64_t groups,
+                     const int8_t* xq, int64_t k, const float* sx, const float* xsum, c10::BFloat16* out) {
+  alignas(64) uint8_t idx_bytes[2][64];
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 16; ++i) {
+      idx_bytes[h][4 * i] = static_cast<uint8_t>(16 * h + i);            // input k: line a, byte j
+      idx_bytes[h][4 * i + 1] = static_cast<uint8_t>(32 + 16 * h + i);   // k + 1: line a, byte 32 + j
+      idx_bytes[h][4 * i + 2] = static_cast<uint8_t>(64 + 16 * h + i);   // k + 2: line b, byte j
+      idx_bytes[h][4 * i + 3] = static_cast<uint8_t>(96 + 16 * h + i);   // k + 3: line b, byte 32 + j
+    }
+  const __m512i idx0 = _mm512_load_si512(idx_bytes[0]), idx1 = _mm512_load_si512(idx_bytes[1]);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  alignas(64) float tot[MT][64] = {};  // rows 0-15, 16-31 (low nibbles), 32-47, 48-63 (high)
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 s_lo[MT], s_hi[MT];
-    for (int m = 0; m < MT; ++m) s_lo[m] = s_hi[m] = _mm512_setzero_ps();
+    __m512i acc[MT][4];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_si512();
     const uint8_t* bytes = block + g * kInt4Group * 32;
-    const c10::BFloat16* xg = x + g * kInt4Group;
-    for (int64_t p = 0; p < kInt4Group / 2; ++p) {
-      const __m512i words = _mm512_maskz_permutexvar_epi8(even, idx, _mm512_loadu_si512(bytes + p * 64));
-      const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(words, low4, bias, 0xEA);  // (a & b) | c
-      const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 4), bias);
+    for (int64_t p = 0; p < kInt4Group / 4; ++p) {
+      const __m512i a = _mm512_loadu_si512(bytes + p * 128), b = _mm512_loadu_si512(bytes + p * 128 + 64);
+      const __m512i p0 = _mm512_permutex2var_epi8(a, idx0, b), p1 = _mm512_permutex2var_epi8(a, idx1, b);
+      const __m512i w0 = _mm512_and_si512(p0, low4), w1 = _mm512_and_si512(p1, low4);
+      const __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(p0, 4), low4);
+      const __m512i w3 = _mm512_and_si512(_mm512_srli_epi16(p1, 4), low4);
       for (int m = 0; m < MT; ++m) {
-        int32_t pair;
-        std::memcpy(&pair, xg + m * k + 2 * p, sizeof(pair));
-        const __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);
-        s_lo[m] = _mm512_dpbf16_ps(s_lo[m], lo, xp);
-        s_hi[m] = _mm512_dpbf16_ps(s_hi[m], hi, xp);
+        int32_t quad;
+        std::memcpy(&quad, xq + m * k + g * kInt4Group + 4 * p, sizeof(quad));
+        const __m512i xv = _mm512_set1_epi32(quad);
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w0, xv);
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], w1, xv);
+        acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], w2, xv);
+        acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], w3, xv);
       }
     }
-    // (scale, zero) bf16 pairs of 16 rows: 64 bytes each side
-    const __m512i pl = _mm512_loadu_si512(sz + (g * n + lo_row) * 2), ph = _mm512_loadu_si512(sz + (g * n + hi_row) * 2);
-    const __m512 scale_lo = bf16_low_half(pl), scale_hi = bf16_low_half(ph);
-    const __m512 zero_lo = _mm512_fmadd_ps(offset, scale_lo, bf16_high_half(pl));
-    const __m512 zero_hi = _mm512_fmadd_ps(offset, scale_hi, bf16_high_half(ph));
-    for (int m = 0; m < MT; ++m) {
-      const __m512 xs = _mm512_set1_ps(xsum[m * groups + g]);
-      _mm512_store_ps(tot[m], _mm512_fmadd_ps(zero_lo, xs, _mm512_fmadd_ps(s_lo[m], scale_lo, _mm512_load_ps(tot[m]))));
-      _mm512_store_ps(tot[m] + 16,
-                      _mm512_fmadd_ps(zero_hi, xs, _mm512_fmadd_ps(s_hi[m], scale_hi, _mm512_load_ps(tot[m] + 16))));
+    for (int r = 0; r < 4; ++r) {  // (scale, zero) bf16 pairs of the 16 rows
+      const __m512i pairs = _mm512_loadu_si512(sz + (g * n + row0 + 16 * r) * 2);
+      const __m512 scale = bf16_low_half(pairs);
+      const __m512 zero = _mm512_fmadd_ps(_mm512_set1_ps(-8.f), scale, bf16_high_half(pairs));
+      for (int m = 0; m < MT; ++m) {
+        const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(sx[m * groups + g]));
+        const __m512 offset = _mm512_mul_ps(zero, _mm512_set1_ps(xsum[m * groups + g]));
+        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), step, offset);
+        _mm512_store_ps(tot[m] + 16 * r, _mm512_add_ps(_mm512_load_ps(tot[m] + 16 * r), sum));
+      }
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * n + lo_row),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tot[m])));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * n + hi_row),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tot[m] + 16)));
-  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < 4; ++r)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * n + row0 + 16 * r),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tot[m] + 16 * r)));
 }
 
-// x (M, K) bfloat16 @ an int4 layer's weights (torch's CPU packing: weight (N, K / 2) uint8, scale_zero (K / 64, N, 2)
-// bfloat16) -> (M, N) bfloat16.
+// Rows of x quantized per group of kInt4Group inputs as int4_vnni_block reads them: codes (M, K) int8, scales and
+// the groups' sums of x (M, K / kInt4Group) float32.
+void quantize_groups(const c10::BFloat16* x, int64_t rows, int64_t k, int8_t* codes, float* sx, float* xsum) {
+  const int64_t groups = k / kInt4Group;
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const c10::BFloat16* src = x + m * k + g * kInt4Group;
+      float vals[kInt4Group], top = 0.f;
+      for (int64_t c = 0; c < kInt4Group; ++c) {
+        vals[c] = to_f(src[c]);
+        top = std::max(top, std::fabs(vals[c]));
+      }
+      const float s = top / 127.f;
+      int32_t total = 0;
+      for (int64_t c = 0; c < kInt4Group; ++c) {
+        const int8_t code =
+            s > 0.f ? static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(vals[c] / s)))) : 0;
+        codes[m * k + g * kInt4Group + c] = code;
+        total += code;
+      }
+      sx[m * groups + g] = s;
+      xsum[m * groups + g] = s * static_cast<float>(total);  // of the quantized x: the product is then w . x_q
+    }
+}
+
+// x (M, K) bfloat16 @ an int4 layer's weights (torch's CPU packing: weight (N, K / 2) uint8, scale_zero
+// (K / 64, N, 2) bfloat16) -> (M, N) bfloat16, with x quantized to int8 per group of 64 inputs and integer
+// products (see int4_vnni_block).
 Tensor int4_matmul(const Tensor& x_in, const Tensor& weight, const Tensor& scale_zero) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "x: (rows, in) bfloat16");
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.is_contiguous(),
@@ -843,35 +874,25 @@ Tensor int4_matmul(const Tensor& x_in, const Tensor& weight, const Tensor& scale
               scale_zero.size(0) == groups && scale_zero.size(1) == n && scale_zero.size(2) == 2,
               "scale_zero: a contiguous (in / 64, out, 2) bfloat16 tensor");
   auto out = at::empty({rows, n}, x.options());
-  std::vector<float> xsum(rows * groups);
-  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t c = 0; c < kInt4Group; ++c) s += to_f(xp[m * k + g * kInt4Group + c]);
-      xsum[m * groups + g] = s;
-    }
+  std::vector<int8_t> codes(rows * k);
+  std::vector<float> sx(rows * groups), xsum(rows * groups);
+  quantize_groups(x.data_ptr<c10::BFloat16>(), rows, k, codes.data(), sx.data(), xsum.data());
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const c10::BFloat16* sz = scale_zero.data_ptr<c10::BFloat16>();
   c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, n / 64 * 2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / 2;
-      const int half = static_cast<int>(task % 2);
+  at::parallel_for(0, n / 64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
       const uint8_t* block = w + blk * 64 * (k / 2);
       for (int64_t m = 0; m < rows; m += kRowTile) {
-        const c10::BFloat16* xm = xp + m * k;
+        const int8_t* xm = codes.data() + m * k;
+        const float* sm = sx.data() + m * groups;
         const float* xs = xsum.data() + m * groups;
         c10::BFloat16* om = o + m * n;
         switch (std::min<int64_t>(kRowTile, rows - m)) {
-          case 8: int4_half_block<8>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
-          case 7: int4_half_block<7>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
-          case 6: int4_half_block<6>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
-          case 5: int4_half_block<5>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
-          case 4: int4_half_block<4>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
-          case 3: int4_half_block<3>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
-          case 2: int4_half_block<2>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
-          default: int4_half_block<1>(block, sz, n, blk * 64, half, groups, xm, k, xs, om); break;
+          case 4: int4_vnni_block<4>(block, sz, n, blk * 64, groups, xm, k, sm, xs, om); break;
+          case 3: int4_vnni_block<3>(block, sz, n, blk * 64, groups, xm, k, sm, xs, om); break;
+          case 2: int4_vnni_block<2>(block, sz, n, blk * 64, groups, xm, k, sm, xs, om); break;
+          default: int4_vnni_block<1>(block, sz, n, blk * 64, groups, xm, k, sm, xs, om); break;
         }
       }
     }
@@ -882,10 +903,10 @@ Tensor int4_matmul(const Tensor& x_in, const Tensor& weight, const Tensor& scale
 
 // A linear layer of any of gpa's weight formats: kind 0 dense (at::linear); 1 int8 with per-row scales, its
 // kernel up to `param` rows, dequantized to bf16 beyond; 2 int4 in groups of `param` inputs (int4_matmul where
-// the CPU has AVX512-BF16, torch's kernel elsewhere).
+// the CPU has AVX512-VNNI and VBMI, torch's kernel elsewhere).
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t kind, int64_t param) {
   if (kind == 2) {
-#if defined(GPA_INT4_BF16)
+#if defined(GPA_INT4_VNNI)
     if (param == kInt4Group && x.scalar_type() == at::kBFloat16) return int4_matmul(x, w, scales);
 #endif
     return at::_weight_int4pack_mm_for_cpu(x, w, param, scales);
@@ -1390,8 +1411,8 @@ Tensor int8_linear(const Tensor& x_in, const Tensor& wt, const Tensor& w_scale, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_decode", &attend_decode, "QK-norm, RoPE, KV write and attention for one token per row");
   m.def("decode_trunk", &decode_trunk, "every decoder layer for one token per row");
-#if defined(GPA_INT4_BF16)
-  m.def("int4_matmul", &int4_matmul, "bfloat16 rows times an int4 layer's weights (AVX512-BF16)");
+#if defined(GPA_INT4_VNNI)
+  m.def("int4_matmul", &int4_matmul, "bfloat16 rows (int8 per 64 inputs) times an int4 layer's weights (VNNI)");
 #endif
 #if defined(GPA_FLASH_BF16)
   m.def("prefill_attention", &prefill_attention, "grouped-query attention of a prefill (AVX512-BF16)", py::arg("q"),
