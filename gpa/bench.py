@@ -26,6 +26,7 @@ from gpa.api import GPA, LLM_DTYPES, Voice
 from gpa.config import Task
 from gpa.engine import AudioChunk, Engine, EngineConfig, EngineRequest, StreamConfig, TextDelta
 from gpa.engine.backend import VLLMOptions
+from gpa.threads import release_thread_pool
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ async def _tts_one(engine: Engine, request: EngineRequest) -> dict[str, float]:
 async def _tts_round(engine: Engine, model: GPA, voice: Voice, n: int, tokens: int) -> dict[str, float]:
     params = model.sampling(Task.TTS, max_new_tokens=tokens, seed=0)
     prompts = model.tts_prompts([f"Benchmark sentence number {i}, spoken at full length." for i in range(n)], voice)
+    release_thread_pool()  # this (client) thread's OpenMP pool would slow the decode loop (gpa.threads)
     start = time.perf_counter()
     runs = await asyncio.gather(*(_tts_one(engine, EngineRequest(Task.TTS, p.prompt_ids, params, voice.global_codes))
                                   for p in prompts))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 import torch
 
 import gpa
+import gpa.engine.engine as engine_module
+from gpa import threads
 from gpa.config import Task
 from gpa.engine import (
     AudioChunk,
@@ -324,3 +328,47 @@ def test_prompt_preparation_uses_every_thread_only_while_nothing_decodes(model, 
     # decode loop's made every later decode step ~2x slower); the helper-threads job on the prep thread.
     assert idle_thread.name == "gpa-prep-burst" and not idle_thread.is_alive()
     assert busy_thread.name.startswith("gpa-prep")  and busy_thread is not idle_thread
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_release_thread_pool_ends_the_callers_openmp_threads():
+    """gpa.threads.release_thread_pool: a thread that ran a parallel torch op holds OpenMP worker threads (counted
+    by the OS) until it ends them; after the call they are gone, and a later parallel op still works (a new pool).
+    Alive beside the engine's decode thread, such a pool put libgomp in its throttled mode (decode ~2x slower)."""
+    if not sys.platform.startswith("linux") or torch.get_num_threads() < 2 or not threads._pause_function():
+        pytest.skip("needs Linux, an OpenMP runtime with omp_pause_resource_all and at least 2 torch threads")
+    counts: list[int] = []
+
+    def job() -> None:
+        torch.set_num_threads(2)  # (a new thread takes the count the last thread set: the engine's helpers set 1)
+        x = torch.randn(4_000_000)
+        threads.release_thread_pool()  # (making x may have started the pool already)
+        counts.append(_os_threads())  # this thread, no pool
+        (x * 2).sum()  # a parallel region: this thread's pool starts
+        counts.append(_os_threads())
+        assert threads.release_thread_pool()
+        counts.append(_os_threads())
+        assert torch.equal((x * 2).sum(), (x * 2).sum())  # parallel ops still run (a fresh pool)
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    worker.join()
+    assert counts[1] > counts[0] and counts[2] == counts[0], counts
+
+
+def test_starting_the_engine_ends_the_callers_pool(model, voice, monkeypatch):
+    """Engine.start ends the starting thread's OpenMP pool (model loading leaves one on the main thread)."""
+    calls: list[str] = []
+    real = engine_module.release_thread_pool
+    monkeypatch.setattr(engine_module, "release_thread_pool",
+                        lambda: calls.append(threading.current_thread().name) or real())
+
+    async def main():
+        async with Engine(model) as eng:
+            return await collect(await eng.tts("Hello there.", voice, **SAMPLED))
+
+    assert isinstance(run(main())[-1], Finished)
+    assert calls == [threading.current_thread().name]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import torch
 from torch import Tensor
 
 from gpa.engine.request import EngineError
@@ -158,6 +159,9 @@ class TorchBackend(Backend):
     def __init__(self, lm: GPALM, slots: int, max_seq_len: int, heads: Sequence[Tensor | None] = ()) -> None:
         """``heads``: the id sets (allowed masks) whose output heads are built now rather than at first use."""
         self.slots = slots
+        # torch's thread count for the loop's thread, taken here: a new thread otherwise takes whatever count the
+        # last thread to set one chose when it first runs a parallel op (the engine's helpers set theirs to 1)
+        self.threads = torch.get_num_threads()
         self.decoder = SlotDecoder(lm, slots, max_seq_len)
         self.decoder.prepare_heads(heads)
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -214,6 +218,7 @@ class TorchBackend(Backend):
     # --- the decode loop (its own thread, or the caller's in run_here) ------------------------------
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)
         try:
             while self._drain(block=not self._active and not self._waiting):
                 self._admit()

@@ -24,6 +24,7 @@ from gpa.engine.backend import BACKENDS, Backend, FinishReason, TorchBackend, VL
 from gpa.engine.request import AudioChunk, EngineError, EngineOverloaded, EngineRequest, Event, Finished, TextDelta
 from gpa.engine.streaming import AudioStreamer, StreamConfig, TextStreamer, receptive_field
 from gpa.generation import GenerationRequest
+from gpa.threads import release_thread_pool
 
 logger = logging.getLogger(__name__)
 
@@ -237,21 +238,27 @@ class Engine:
         await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
 
     def start(self) -> None:
-        """Start the backend on its own thread(s) (idempotent)."""
+        """Start the backend on its own thread(s) (idempotent).
+
+        The calling thread's OpenMP pool (left by loading the model, say) is ended
+        (:func:`gpa.threads.release_thread_pool`): alive beside the decode thread's, it put libgomp in its slow
+        throttled mode, and every decode step ran ~2x slower (0.3B int4, 2 cores: ~14 instead of ~6 ms; in
+        ``gpa serve`` too). Torch work the caller runs later starts a new pool: run it before, on a short-lived
+        thread, or call that function after it.
+        """
         if not self._running:
             self._prepare_streaming()
             self.backend.start()
             self._running = True
+            release_thread_pool()
 
     def run_here(self, on_ready: Callable[[], None] | None = None) -> None:
         """Run the backend's loop on the calling thread until :meth:`shutdown` (from another thread).
 
         ``on_ready`` is called once the engine accepts requests (e.g. to start the asyncio thread).
 
-        On CPU, torch's kernels ran faster on the process's main thread than on a worker thread here
-        (30 vs 56 ms per decode step; OpenMP teams, see ``_helper_threads``), so a program that can give
-        the main thread to the engine, with its asyncio loop on another thread, should call this there.
-        (The vLLM backend decodes in its own processes; it just waits here.)
+        The loop then shares the caller's OpenMP pool; other threads' pools slow it (see :meth:`start` and
+        :mod:`gpa.threads`). (The vLLM backend decodes in its own processes; it just waits here.)
         """
         if self._running:
             raise EngineError("the engine is already running")

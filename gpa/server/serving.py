@@ -43,6 +43,7 @@ from gpa.server.protocol import (
 from gpa.server.settings import ServerSettings
 from gpa.server.voices import Voices, VoiceStore
 from gpa.text import compression_ratio, split_text
+from gpa.threads import release_thread_pool
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ def _sse(payload: Any) -> str:
     return f"data: {data}\n\n"
 
 
+def _then_release(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    try:
+        return fn(*args)
+    finally:
+        release_thread_pool()
+
+
 class Serving:
     """Request handling shared by the routes: one per app, created in its lifespan."""
 
@@ -79,8 +87,9 @@ class Serving:
         self._worker.shutdown(wait=True)
 
     async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run codec work off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        """Run codec work off the event loop, on a thread that then ends its OpenMP pool (alive beside the
+        engine's decode thread, it would slow every decode step ~2x: :mod:`gpa.threads`)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, _then_release, fn, args)
 
     # --- checks ------------------------------------------------------------------------------------
 
