@@ -120,12 +120,12 @@ class GPA:
                 VC and reference voices) under bf16 autocast, ~2.2x faster on CPU; a few codes change
                 (GPA-nano, real speech: 99.7 % of prompt ids unchanged; see the README); or "int8": bfloat16 with
                 the encoders' linear layers multiplying in int8 (:class:`gpa.quant.Int8GemmLinear`; 0.3B shapes,
-                10 s: ~2.15 -> ~1.65 s; needs gpa.native's kernels, else bfloat16).
+                10 s: ~2.15 -> ~1.3 s; needs gpa.native's kernels, else bfloat16).
             native_decode: run decode steps through gpa's C++ kernels (:mod:`gpa.native`, CPU; compiled once,
-                ~30 s; torch's path where they cannot be built): 0.3B int4 decode step 23.3 -> ~10 ms at 300
+                ~30 s; torch's path where they cannot be built): 0.3B int4 decode step 23.3 -> ~7 ms at 300
                 tokens of context (``bench/decode_step.py --native``). With int8/int4 weights or a bf16 model
                 the KV cache is then int8 (see ``kv_cache_dtype``). Once loaded, the kernels also serve int4
-                products (AVX512-BF16) and a bf16 decoder's Snake activations.
+                products (integer arithmetic, AVX512-VNNI) and a bf16 decoder's Snake activations.
             kv_cache_dtype: the KV cache's storage (:data:`gpa.config.KV_CACHE_DTYPES`): "auto" (the LLM's dtype;
                 int8 under native decoding with int8/int4 weights or a bf16 model), "float32", "bfloat16", or
                 "int8": int8 codes with a float32 scale per position and head, half of bfloat16's bytes, which a
