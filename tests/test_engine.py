@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -56,7 +57,19 @@ def audio_of(events: list) -> np.ndarray:
 SAMPLED = {"temperature": 0.9, "top_k": 50, "seed": 11, "max_new_tokens": 60}
 
 
-def test_concurrent_requests_equal_single_requests(model, voice, golden_inputs):
+@pytest.fixture
+def single_threaded():
+    """Torch on one thread for one test. The engine prepares audio prompts with every thread while idle and with
+    one while decoding, so which one a request gets depends on timing; float32 encoders on 1 or 2 threads may
+    round differently and, rarely, a VQ code flips (this test failed ~1 run in 15 on 2 threads, before and after
+    session 10): on one thread every path computes alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_concurrent_requests_equal_single_requests(model, voice, golden_inputs, single_threaded):
     texts = ["Hello there.", "A second, longer sentence to say.", "Three."]
     sources = [golden_inputs["speech1_8k"], golden_inputs["short_16k"]]
     asr_inputs = [golden_inputs["long_16k"], golden_inputs["quiet_24k"]]
@@ -330,33 +343,38 @@ def test_prompt_preparation_uses_every_thread_only_while_nothing_decodes(model, 
     assert busy_thread.name.startswith("gpa-prep")  and busy_thread is not idle_thread
 
 
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _os_threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 def test_release_thread_pool_ends_the_callers_openmp_threads():
-    """gpa.threads.release_thread_pool: a thread that ran a parallel torch op holds OpenMP worker threads (counted
-    by the OS) until it ends them; after the call they are gone, and a later parallel op still works (a new pool).
+    """gpa.threads.release_thread_pool: a thread that ran a parallel torch op holds OpenMP worker threads (seen by
+    the OS) until it ends them; after the call they are gone, and a later parallel op still works (a new pool).
     Alive beside the engine's decode thread, such a pool put libgomp in its throttled mode (decode ~2x slower)."""
     if not sys.platform.startswith("linux") or torch.get_num_threads() < 2 or not threads._pause_function():
         pytest.skip("needs Linux, an OpenMP runtime with omp_pause_resource_all and at least 2 torch threads")
-    counts: list[int] = []
+    seen: list[set[str]] = []
 
     def job() -> None:
         torch.set_num_threads(2)  # (a new thread takes the count the last thread set: the engine's helpers set 1)
         x = torch.randn(4_000_000)
         threads.release_thread_pool()  # (making x may have started the pool already)
-        counts.append(_os_threads())  # this thread, no pool
+        seen.append(_os_threads())  # this thread, no pool
         (x * 2).sum()  # a parallel region: this thread's pool starts
-        counts.append(_os_threads())
+        seen.append(_os_threads())
         assert threads.release_thread_pool()
-        counts.append(_os_threads())
+        for _ in range(100):  # the released workers exit just after the call returns
+            if not (seen[1] - seen[0]) & _os_threads():
+                break
+            time.sleep(0.01)
+        seen.append(_os_threads())
         assert torch.equal((x * 2).sum(), (x * 2).sum())  # parallel ops still run (a fresh pool)
 
     worker = threading.Thread(target=job)
     worker.start()
     worker.join()
-    assert counts[1] > counts[0] and counts[2] == counts[0], counts
+    pool = seen[1] - seen[0]  # the pool's workers (other threads of the process may come and go meanwhile)
+    assert pool and not pool & seen[2], seen
 
 
 def test_starting_the_engine_ends_the_callers_pool(model, voice, monkeypatch):
