@@ -138,9 +138,8 @@ class GPA:
                 ~1.3 -> ~0.8 s; logits error from float32 (``bench/accuracy.py``) int8 1.75 -> 1.88 %, int4
                 18.7 -> 6.1 % (its prompts then run on int8 weights). Needs gpa.native's kernels (else off).
             quantize, vocoder_dtype, tokenizer_dtype, native_decode, kv_cache_dtype, int8_prefill and dtype left None
-            take the
-            checkpoint's ``inference.json`` settings for the device type (the bundled GPA-nano asks for int8, a bfloat16
-            decoder, float32 activations and the native kernels on CPU), else the defaults above.
+            take the checkpoint's ``inference.json`` settings for the device type (the bundled GPA-nano asks for
+            int8, a bfloat16 decoder, float32 activations and the native kernels on CPU), else the defaults above.
         """
         ckpt = Checkpoint.open(path)
         device = torch.device(device) if device is not None else _default_device()
@@ -396,8 +395,7 @@ def _int8_gemm_available(device: torch.device) -> bool:
     """Whether gpa.native's int8 products can run on ``device`` (loading the kernels if need be)."""
     if device.type != "cpu":
         return False
-    ops = native.load()
-    return ops is not None and hasattr(ops, "int8_linear")
+    return native.load() is not None
 
 
 def _store_matrices(module: torch.nn.Module | None, dtype: torch.dtype) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Self
 
 import torch
@@ -67,6 +68,16 @@ def gemm_weights(weight: Tensor) -> tuple[Tensor, Tensor]:
     return codes.t().contiguous(), scale
 
 
+def _int8_product(ops: ModuleType, x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> Tensor:
+    """x (..., in) through gpa.native's ``int8_linear`` with GEMM operands ``codes`` (in, out) and ``scale`` (out,):
+    (..., out) in ``out_dtype``, else in x's dtype (float32 for other float dtypes)."""
+    flat = x.reshape(-1, codes.shape[0])
+    if flat.dtype not in (torch.float32, torch.bfloat16):
+        flat = flat.float()
+    return ops.int8_linear(flat, codes, scale, bias, out_dtype).view(*x.shape[:-1], codes.shape[1])
+
+
 class _PackedLinear(nn.Module):
     """What the quantized linears share: bf16 inputs to a packed-weight kernel, outputs in the input's dtype,
     fusing that makes the parts' row-indexed tensors views of the fused layer's, and optional int8 GEMM weights
@@ -91,10 +102,8 @@ class _PackedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)  # (N, in)
         if self.gemm_codes is not None and _INT8_PRODUCTS.get():
             ops = native.loaded()
-            if ops is not None and hasattr(ops, "int8_linear") and flat.device.type == "cpu":
-                if flat.dtype not in (torch.float32, torch.bfloat16):
-                    flat = flat.float()
-                y = ops.int8_linear(flat, self.gemm_codes, self.gemm_scale).view(*x.shape[:-1], self.out_features)
+            if ops is not None and flat.device.type == "cpu":
+                y = _int8_product(ops, x, self.gemm_codes, self.gemm_scale)
                 return y if y.dtype == x.dtype else y.to(x.dtype)
         if flat.dtype != torch.bfloat16:
             flat = flat.to(torch.bfloat16)
@@ -280,14 +289,11 @@ class Int8GemmLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         ops = native.loaded()
-        if ops is None or not hasattr(ops, "int8_linear"):
+        if ops is None:
             raise RuntimeError("Int8GemmLinear needs gpa.native's kernels (see gpa.native.unavailable_reason)")
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype not in (torch.float32, torch.bfloat16):
-            flat = flat.float()
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else flat.dtype
-        y = ops.int8_linear(flat, self.codes, self.scale, self.bias, dtype if dtype == torch.bfloat16 else None)
-        return y.view(*x.shape[:-1], self.out_features)
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return _int8_product(ops, x, self.codes, self.scale, self.bias,
+                             autocast if autocast == torch.bfloat16 else None)
 
 
 def int8_gemm_linears(module: nn.Module) -> int:

@@ -834,28 +834,19 @@ void int4_vnni_block(const uint8_t* block, const c10::BFloat16* sz, int64_t n, i
                           (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tot[m] + 16 * r)));
 }
 
-// Rows of x quantized per group of kInt4Group inputs as int4_vnni_block reads them: codes (M, K) int8, scales and
-// the groups' sums of x (M, K / kInt4Group) float32.
+// Rows of x quantized per group of kInt4Group inputs as int4_vnni_block reads them (store_row's int8 rule per
+// group): codes (M, K) int8, scales and the groups' sums of the quantized x (M, K / kInt4Group) float32.
 void quantize_groups(const c10::BFloat16* x, int64_t rows, int64_t k, int8_t* codes, float* sx, float* xsum) {
   const int64_t groups = k / kInt4Group;
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t g = 0; g < groups; ++g) {
-      const c10::BFloat16* src = x + m * k + g * kInt4Group;
-      float vals[kInt4Group], top = 0.f;
-      for (int64_t c = 0; c < kInt4Group; ++c) {
-        vals[c] = to_f(src[c]);
-        top = std::max(top, std::fabs(vals[c]));
-      }
-      const float s = top / 127.f;
+      float vals[kInt4Group];
+      for (int64_t c = 0; c < kInt4Group; ++c) vals[c] = to_f(x[m * k + g * kInt4Group + c]);
+      int8_t* group = codes + m * k + g * kInt4Group;
+      store_row(vals, kInt4Group, group, sx + m * groups + g);
       int32_t total = 0;
-      for (int64_t c = 0; c < kInt4Group; ++c) {
-        const int8_t code =
-            s > 0.f ? static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(vals[c] / s)))) : 0;
-        codes[m * k + g * kInt4Group + c] = code;
-        total += code;
-      }
-      sx[m * groups + g] = s;
-      xsum[m * groups + g] = s * static_cast<float>(total);  // of the quantized x: the product is then w . x_q
+      for (int64_t c = 0; c < kInt4Group; ++c) total += group[c];
+      xsum[m * groups + g] = sx[m * groups + g] * static_cast<float>(total);  // the product is then w . x_q
     }
 }
 
