@@ -163,16 +163,25 @@ class SlotDecoder:
     def step(self, states: Sequence[SequenceState]) -> None:
         """Feed each state's last token and sample its next one (all in one forward pass).
 
-        Where every row is restricted to one id set with its own head (TTS/VC: 8193 of 180k ids) and its
-        filters can work on that set, the logits stay in it (n, K): penalties and sampling touch K values
-        per row, not the vocabulary (the same candidates in the same order, so the same tokens).
+        Rows restricted to an id set with its own head (TTS/VC: 8193 of 180k ids) whose filters can work on
+        that set keep their logits in it (n, K): penalties and sampling touch K values per row, not the
+        vocabulary (the same candidates in the same order). Rows are decided in groups that share such a head
+        (the rest over the vocabulary), so a row is decided the same way whatever rows share its step: a TTS
+        row beside an ASR row was sampled over the vocabulary, which rarely picked another token than alone.
         """
         states = sorted(states, key=lambda s: s.slot)
-        head = self._compact_head(states)
-        if head is None:
-            self._choose(states, self.step_logits(states))
-        else:
-            self._choose(states, head.module(self._hidden(states)).float(), head)
+        hidden = self._hidden(states)
+        groups: dict[int, tuple[_Head | None, list[int]]] = {}
+        for i, s in enumerate(states):
+            head = self._compact_head([s])
+            groups.setdefault(id(head), (head, []))[1].append(i)
+        for head, rows in groups.values():
+            part = [states[i] for i in rows]
+            h = hidden[torch.tensor(rows, device=hidden.device)] if len(rows) < len(states) else hidden
+            if head is None:
+                self._choose(part, self._logits(h, part))
+            else:
+                self._choose(part, head.module(h).float(), head)
 
     def _compact_head(self, states: Sequence[SequenceState]) -> _Head | None:
         """The restricted head every row can be decided over (one id set, filters that work on it), else None."""
