@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
-from gpa.train.nano_recipe import BUNDLE_VOICES, DEFAULT_VOICE, codec_utterances, pick_voices
+from gpa.train.nano_recipe import BUNDLE_VOICES, DEFAULT_VOICE, NanoRecipe, codec_utterances, pick_voices, run_recipe
 from gpa.voices import builtin_voices, default_voice
 
 
@@ -48,3 +50,18 @@ def test_codec_utterances_cap_synthetic_voices_keep_real_and_libri(tmp_path, fix
     libri = [s for s in by if s.startswith("libri-")]
     assert len(libri) > 100 and all(by[s] == 1 for s in libri)  # one excerpt per LibriSpeech speaker
     assert utts == codec_utterances(corpus, per_voice=2, seed=0, data_dir=fixtures.parent / "data")  # seeded
+
+
+def test_extra_corpora_continue_the_sentence_choice_without_overlap():
+    recipe = NanoRecipe()
+    start = recipe.corpus.sentences
+    for cfg in recipe.extra_corpora:  # each picks up where the corpus before it stopped
+        assert cfg.skip_sentences == start and cfg.heldout_sentences == 0 and not cfg.real
+        assert cfg.seed == recipe.corpus.seed and cfg.sources == recipe.corpus.sources
+        start += cfg.sentences
+
+
+def test_more_extra_corpus_folders_than_extra_corpora_is_an_error(tmp_path):
+    recipe = replace(NanoRecipe(), corpus_dir=str(tmp_path), extra_corpus_dirs=("a", "b", "c"))
+    with pytest.raises(ValueError, match="3 extra corpus folders for 2 extra corpora"):
+        run_recipe(tmp_path / "out", recipe, progress=False)

@@ -159,9 +159,11 @@ def test_shards_are_compact_safetensors(corpus):
     assert all(t.dtype == torch.int16 and t.dim() == 1 for t in tensors.values())
 
 
-def test_prepare_in_two_processes_writes_the_same_files(corpus, mini_dir, tmp_path):
+def test_prepare_in_two_processes_writes_the_same_files(corpus, mini_dir, tmp_path, monkeypatch):
     root, one = corpus
     cfg = prepare_config(mini_dir, (root / "list.txt", root / "train.jsonl"), tmp_path / "two")
+    assert len(list(one.glob("shard-*.jsonl"))) > 2
+    monkeypatch.setattr(sys.modules["gpa.train.prepare"], "WORKER_SHARDS", 1)  # a new process for every shard
     report = prepare(replace(cfg, workers=2))
     assert report.records > 0 and report.shards_done_before == 0
     names = sorted(p.name for p in one.iterdir())

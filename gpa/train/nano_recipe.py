@@ -5,6 +5,7 @@ interrupted run resumes where it stopped (the LLM run resumes from its newest ch
 
     OUT/corpus/            gpa corpus (Debian/PyPI voices + shared/data recordings): 1,500 sentences x 12 voices
     OUT/corpus-extra/      10,000 further sentences, one voice each (text diversity for the LLM)
+    OUT/corpus-extra-2/    20,000 more after those, one voice each
     OUT/codec/pretrained   Whisper tiny.en encoder + HiFi-GAN universal, converted to safetensors
     OUT/codec/features-*   encoder features on both code grids + vocoder log-mel targets
     OUT/codec/kmeans       semantic and ASR codebooks
@@ -58,9 +59,14 @@ class NanoRecipe:
 
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(sentences=1500, workers=2))
     corpus_dir: str = ""  # an existing corpus folder to use instead of building OUT/corpus
-    extra_corpus: CorpusConfig | None = field(default_factory=lambda: CorpusConfig(
-        sentences=10000, skip_sentences=1500, heldout_sentences=0, voices_per_sentence=1, real=False, workers=2))
-    extra_corpus_dir: str = ""  # an existing folder for extra_corpus instead of building OUT/corpus-extra
+    # Further sentences, one voice each (text diversity for the LLM), built in this order as OUT/corpus-extra,
+    # OUT/corpus-extra-2, ...: each continues the seeded sentence choice where the one before stopped.
+    extra_corpora: tuple[CorpusConfig, ...] = field(default_factory=lambda: (
+        CorpusConfig(sentences=10000, skip_sentences=1500, heldout_sentences=0, voices_per_sentence=1, real=False,
+                     workers=2),
+        CorpusConfig(sentences=20000, skip_sentences=11500, heldout_sentences=0, voices_per_sentence=1,
+                     real=False, workers=2)))
+    extra_corpus_dirs: tuple[str, ...] = ()  # existing folders for extra_corpora (in order) instead of building them
     codec: NanoCodecConfig = field(default_factory=lambda: NanoCodecConfig(decoder_dim=192))
     codec_utterances_per_voice: int = 400  # synthetic utterances per seen voice for codec training (+ all real)
     workers: int = 2  # processes for feature extraction and gpa prepare
@@ -163,11 +169,18 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
     if not recipe.corpus_dir:
         step("corpus")
         build_corpus(corpus, recipe.corpus, progress=progress)
-    extra = Path(recipe.extra_corpus_dir) if recipe.extra_corpus_dir else out / "corpus-extra"
-    if recipe.extra_corpus is not None and not recipe.extra_corpus_dir:
-        step("extra corpus")
-        build_corpus(extra, recipe.extra_corpus, progress=progress)
-    manifests = [corpus / "train_gpa.jsonl"] + ([extra / "train_gpa.jsonl"] if recipe.extra_corpus else [])
+    if len(recipe.extra_corpus_dirs) > len(recipe.extra_corpora):
+        raise ValueError(f"{len(recipe.extra_corpus_dirs)} extra corpus folders for {len(recipe.extra_corpora)} "
+                         "extra corpora")
+    manifests = [corpus / "train_gpa.jsonl"]
+    for i, cfg in enumerate(recipe.extra_corpora):
+        if i < len(recipe.extra_corpus_dirs):
+            extra = Path(recipe.extra_corpus_dirs[i])
+        else:
+            extra = out / ("corpus-extra" if i == 0 else f"corpus-extra-{i + 1}")
+            step(f"extra corpus {i + 1}: {cfg.sentences} sentences after {cfg.skip_sentences}")
+            build_corpus(extra, cfg, progress=progress)
+        manifests.append(extra / "train_gpa.jsonl")
     codec_dir = out / "codec"
     codec_dir.mkdir(exist_ok=True)
     if not _done(codec_dir / "pretrained"):

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 MIN_SAMPLES = 400  # 25 ms: the shortest input wav2vec2 (BiCodec's content encoder) accepts
 CODE_CACHE = 200_000  # (stream, audio) code entries kept during one run
+# A worker process is replaced after this many shards: its memory grew with every shard it encoded (to several
+# GB per worker on a 117,000-line run, until a 24 GB machine swapped), whatever torch keeps per input shape.
+WORKER_SHARDS = 8
 END_TOLERANCE_S = 0.05  # an end_time this far past the end of the file is clamped, further is an error
 
 
@@ -259,7 +262,8 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> PrepareReport:
         bar.update(sum(len(chunks[i]) for i in finished))
         if cfg.workers > 1 and len(todo) > 1:
             del codecs  # each worker loads its own
-            with mp.get_context("spawn").Pool(min(cfg.workers, len(todo)), _init_worker, (cfg,)) as pool:
+            with mp.get_context("spawn").Pool(min(cfg.workers, len(todo)), _init_worker, (cfg,),
+                                              maxtasksperchild=WORKER_SHARDS) as pool:
                 for n in pool.imap_unordered(_work, todo):
                     bar.update(n)
         else:

@@ -15,9 +15,10 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p.add_argument("name", choices=["nano"], help="which recipe")
     p.add_argument("out", help="work folder: every step's output goes here; re-running resumes")
     p.add_argument("--corpus", default="", help="use this existing `gpa corpus` folder instead of building one")
-    p.add_argument("--corpus-extra", default="",
-                   help="use this existing folder for the extra sentences (gpa corpus --skip-sentences 1500 "
-                        "--sentences 10000 --heldout-sentences 0 --voices-per-sentence 1 --no-real)")
+    p.add_argument("--corpus-extra", action="append", default=[], metavar="DIR",
+                   help="use this existing folder for the next extra corpus, in the recipe's order (repeatable): "
+                        "gpa corpus --skip-sentences 1500 --sentences 10000 --heldout-sentences 0 "
+                        "--voices-per-sentence 1 --no-real, then --skip-sentences 11500 --sentences 20000 (same flags)")
     p.add_argument("--speaker-minutes", type=float, default=None,
                    help="joint token-decoder + speaker-encoder training time (default: the recipe's)")
     p.add_argument("--decoder-minutes", type=float, default=None,
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(args.log_level)
     d = NanoRecipe()
     pick = lambda v, default: default if v is None else v  # noqa: E731
-    recipe = replace(d, corpus_dir=args.corpus, extra_corpus_dir=args.corpus_extra,
+    recipe = replace(d, corpus_dir=args.corpus, extra_corpus_dirs=tuple(args.corpus_extra),
                      speaker_minutes=pick(args.speaker_minutes, d.speaker_minutes),
                      decoder_minutes=pick(args.decoder_minutes, d.decoder_minutes), workers=max(1, args.workers),
                      train={**d.train, "max_steps": pick(args.max_steps, d.train["max_steps"]),
