@@ -117,14 +117,14 @@ def test_tts_and_vc_take_the_reference_voice(bundled_model, fixtures):
 
 
 def test_asr_decodes_a_looping_transcript_again(bundled_model, tmp_path):
-    """Whisper's loop guard: GPA-nano's greedy transcript of white noise repeats one syllable to the token
-    limit (compression ratio ~10); with the default fallback the transcript is decoded again at higher
-    temperatures until it no longer loops."""
+    """Whisper's loop guard: GPA-nano's greedy transcript of 8 s of white noise repeats a word to the token
+    limit (compression ratio ~10; 3 s of it no longer loops since GPA-nano 0.4); with the default fallback the
+    transcript is decoded again at higher temperatures until it no longer loops."""
     from gpa.config import ASR_FALLBACK
     from gpa.text import compression_ratio
 
     model = gpa.load(bundled_model, device="cpu")
-    noise = (0.1 * np.random.default_rng(0).standard_normal(3 * 16000)).astype(np.float32)
+    noise = (0.1 * np.random.default_rng(0).standard_normal(8 * 16000)).astype(np.float32)
     greedy = model.asr((noise, 16000), fallback=None, max_new_tokens=120)
     assert ASR_FALLBACK.needs_retry(compression_ratio(greedy)), greedy
     guarded = model.asr((noise, 16000), seed=0, max_new_tokens=120)

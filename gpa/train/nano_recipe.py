@@ -75,7 +75,7 @@ class NanoRecipe:
     text_vocab: int = 1024  # byte-level BPE ids (including the 256 bytes)
     model: str = "medium"  # LLM preset (gpa.train.config.MODEL_PRESETS) or ModelConfig JSON
     train: dict[str, Any] = field(default_factory=lambda: dict(  # gpa.train.config.TrainConfig fields
-        batch_size=128, lr=1.5e-3, min_lr=1e-4, warmup_steps=300, weight_decay=0.1, max_steps=4000,
+        batch_size=128, lr=1.5e-3, min_lr=1e-4, warmup_steps=300, weight_decay=0.1, max_steps=6000,
         task_weights={"asr": 1.0, "tts": 1.0, "vc": 2.0},  # VC keeps learning after ASR/TTS have stopped
         eval_every=500, save_every=500, max_len=1024, cache_prompts=True, keep_checkpoints=2))
     seed: int = 0
