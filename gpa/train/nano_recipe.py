@@ -80,6 +80,11 @@ class NanoRecipe:
         eval_every=500, save_every=500, max_len=1024, cache_prompts=True, keep_checkpoints=2))
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if len(self.extra_corpus_dirs) > len(self.extra_corpora):
+            raise ValueError(f"{len(self.extra_corpus_dirs)} extra corpus folders for {len(self.extra_corpora)} "
+                             "extra corpora")
+
 
 def _done(path: Path) -> bool:
     return (path / ".done").is_file()
@@ -169,9 +174,6 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
     if not recipe.corpus_dir:
         step("corpus")
         build_corpus(corpus, recipe.corpus, progress=progress)
-    if len(recipe.extra_corpus_dirs) > len(recipe.extra_corpora):
-        raise ValueError(f"{len(recipe.extra_corpus_dirs)} extra corpus folders for {len(recipe.extra_corpora)} "
-                         "extra corpora")
     manifests = [corpus / "train_gpa.jsonl"]
     for i, cfg in enumerate(recipe.extra_corpora):
         if i < len(recipe.extra_corpus_dirs):
