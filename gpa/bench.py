@@ -42,6 +42,7 @@ class BenchConfig:
     quantize: str | None = None  # "none", "int8" / "int4": weight-only quantized LLM (None: the checkpoint's choice)
     dtype: str | None = None  # LLM dtype: float32, bfloat16, or None (the loader's: bf16 with int8, else float32)
     lookahead: int | None = None  # codes awaited after a chunk; None: exact, below the decoder's lookahead: approximate
+    approximate: str = "commit"  # how a lookahead below the decoder's is made up (StreamConfig.approximate)
     first_chunk: int = 5  # frames in the first audio chunk
     chunk: int = 10  # the largest chunk (chunks double from first_chunk up to it)
     vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (the checkpoint's choice), float32 or bfloat16
@@ -172,7 +173,27 @@ def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**out, "repeats": runs}
 
 
-async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
+async def _stream_fidelity(engine: Engine, model: GPA, voice: Voice, tokens: int) -> dict[str, Any]:
+    """The streamed audio of one TTS request against the offline decode of the same codes (the request run
+    again unstreamed: same seed, same tokens), as the streamed samples' SNR and largest error."""
+    params = model.sampling(Task.TTS, max_new_tokens=tokens, seed=0)
+    prompt = model.tts_prompts(["Benchmark sentence number 0, spoken at full length."], voice)[0].prompt_ids
+    audio = {}
+    for stream in (True, False):
+        request = EngineRequest(Task.TTS, prompt, params, voice.global_codes, stream=stream)
+        chunks = [ev.samples async for ev in await engine.submit(request) if isinstance(ev, AudioChunk)]
+        audio[stream] = np.concatenate(chunks).astype(np.float64)
+    streamed, offline = audio[True], audio[False]
+    if len(streamed) != len(offline):
+        return {"samples_streamed": len(streamed), "samples_offline": len(offline)}  # other tokens: not comparable
+    err = streamed - offline
+    signal, noise = float(np.sum(offline**2)), float(np.sum(err**2))
+    return {"snr_db": 10 * np.log10(signal / noise) if noise else float("inf"),
+            "max_abs_err": float(np.abs(err).max()), "signal_rms": float(np.sqrt(np.mean(offline**2)))}
+
+
+async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig,
+                         voice: Voice) -> tuple[list[dict], dict, dict]:
     """TTS at each concurrency, then ASR; with ``cfg.repeat`` > 1 the whole sequence again, so that each
     measurement's repeats are spread over the run (this machine's speed drifts), and medians reported."""
     await _tts_round(engine, model, voice, 1, 20)  # warm-up
@@ -183,7 +204,8 @@ async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig, voice: Vo
             runs.append(await _tts_round(engine, model, voice, n, cfg.tts_tokens))
             logger.info("TTS concurrency %d: %s", n, runs[-1])
         asr.append(await _asr_round(engine, model, cfg.asr_seconds))
-    return [_median_round(runs) for runs in levels.values()], _median_round(asr)
+    fidelity = await _stream_fidelity(engine, model, voice, cfg.tts_tokens)
+    return [_median_round(runs) for runs in levels.values()], _median_round(asr), fidelity
 
 
 def _vllm_options(cfg: BenchConfig, model: GPA) -> VLLMOptions | None:
@@ -193,9 +215,10 @@ def _vllm_options(cfg: BenchConfig, model: GPA) -> VLLMOptions | None:
     return cfg.vllm
 
 
-def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict]:
+def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict], dict, dict]:
     """The rounds, with the decode loop on this (main) thread and the clients on an asyncio thread."""
-    stream = StreamConfig(first_chunk=cfg.first_chunk, chunk=cfg.chunk, lookahead=cfg.lookahead)
+    stream = StreamConfig(first_chunk=cfg.first_chunk, chunk=cfg.chunk, lookahead=cfg.lookahead,
+                          approximate=cfg.approximate)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
     engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
                                         inline_vocoder=cfg.inline_vocoder,
@@ -228,7 +251,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                          tokenizer_dtype=cfg.tokenizer_dtype, native_decode=cfg.native_decode,
                          kv_cache_dtype=cfg.kv_cache_dtype, int8_prefill=cfg.int8_prefill)
     voice = _voice(model)
-    tts, asr = _run_engine(model, cfg, voice)
+    tts, asr, fidelity = _run_engine(model, cfg, voice)
     by_c = {r["concurrency"]: r for r in tts}
     bandwidth = memory_bandwidth_gbs()
     bound = bandwidth * 1e9 / decode_bytes_per_token(model, model.bicodec.semantic_codebook_size + 1)
@@ -241,6 +264,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "tts_xrealtime_c8": by_c[8]["xrealtime"] if 8 in by_c else None,
         "asr_rtf": asr["rtf"],
         "tts_speedup_vs_transformers": baseline["rtf"] / c1["rtf_mean"] if "rtf" in baseline and c1 else None,
+        "tts_stream_snr_db": fidelity.get("snr_db"),  # streamed vs offline audio of one request (exact: rounding)
         "decode_tokens_per_s_c1": c1.get("llm_tokens_per_s"),
         "decode_bound_tokens_per_s": bound,
         "memory_bandwidth_gbs": bandwidth,
@@ -250,6 +274,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "native_kernels_used": native.loaded() is not None,  # native_decode asked for them; False: not buildable
         "settings": model.speed_settings(),  # as loaded (the config's None take the checkpoint's choices)
         "inline_vocoder_used": EngineConfig(inline_vocoder=cfg.inline_vocoder).resolved_inline_vocoder(),
+        "stream": {"lookahead": cfg.lookahead, "approximate": cfg.approximate, **fidelity},
         "tts": tts,
         "asr": asr,
         "transformers_baseline": baseline,

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from gpa.audio import AudioError, save_audio
 from gpa.cli_options import add_speed_flags, speed_options
-from gpa.config import ASR_FALLBACK, ASRFallback
+from gpa.config import ASR_FALLBACK, STREAM_APPROXIMATIONS, ASRFallback
 
 logger = logging.getLogger("gpa")
 
@@ -111,7 +111,10 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--asr-seconds", type=float, default=10.0, help="ASR input length")
     p.add_argument("--lookahead", type=int, default=None,
                    help="codes awaited after an audio chunk (default: exact, the decoder's full lookahead; "
-                        "fewer: lower latency, approximate chunk tails)")
+                        "fewer: lower latency, approximate audio, see --approximate)")
+    p.add_argument("--approximate", default="commit", choices=list(STREAM_APPROXIMATIONS),
+                   help="with a --lookahead below the decoder's: 'commit' (each code decoded once, every frame "
+                        "approximate) or 'preview' (chunk tails approximate, re-decoded later: more work)")
     p.add_argument("--first-chunk", type=int, default=5, help="frames (20 ms) in the first audio chunk")
     p.add_argument("--chunk", type=int, default=10, help="frames in the largest audio chunk (chunks double up to it)")
     p.add_argument("--inline-vocoder", default=None, action=argparse.BooleanOptionalAction,
@@ -146,7 +149,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _check_vllm(args)
     cfg = BenchConfig(model, concurrency=concurrency, tts_tokens=args.tts_tokens,
                       asr_seconds=args.asr_seconds, dtype=args.dtype,
-                      lookahead=args.lookahead, first_chunk=args.first_chunk, chunk=args.chunk,
+                      lookahead=args.lookahead, approximate=args.approximate, first_chunk=args.first_chunk,
+                      chunk=args.chunk,
                       inline_vocoder=args.inline_vocoder, **speed_options(args),
                       baseline_tokens=args.baseline_tokens, repeat=args.repeat, threads=args.threads,
                       backend=args.backend, vllm=vllm)

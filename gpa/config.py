@@ -92,6 +92,8 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 # The audio tokenizers' precision: exact float32; bfloat16 autocast; int8: bfloat16 with every linear layer of the
 # encoders multiplying in int8 (gpa.quant.Int8GemmLinear; needs gpa.native, else bfloat16).
 TOKENIZER_DTYPES = ("float32", "bfloat16", "int8")
+# How a streaming lookahead below the decoder's is made up (gpa.engine.streaming.StreamConfig.approximate)
+STREAM_APPROXIMATIONS = ("commit", "preview")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ def test_bench_report_has_tracked_figures(mini_dir):
     for key in ("tts_rtf_c1", "tts_ttfa_ms_c1", "tts_xrealtime_c8", "asr_rtf", "decode_bound_tokens_per_s"):
         assert report[key] > 0, key
     assert report["tts"][1]["concurrency"] == 8
+    assert report["tts_stream_snr_db"] > 80  # the exact stream: only float rounding from the offline decode
     baseline = report["transformers_baseline"]
     assert "rtf" in baseline or "skipped" in baseline
 
@@ -26,13 +27,15 @@ def test_bench_cli_passes_the_speed_settings(mini_dir, capsys):
 
     assert main(["bench", "--model", str(mini_dir), "--concurrency", "1,2", "--tts-tokens", "12", "--asr-seconds",
                  "1", "--baseline-tokens", "0", "--quantize", "int4", "--tokenizer-dtype", "bfloat16",
-                 "--inline-vocoder", "--native-decode", "--lookahead", "2", "--chunk", "4", "--first-chunk", "2"]) == 0
+                 "--inline-vocoder", "--native-decode", "--lookahead", "2", "--approximate", "preview", "--chunk", "4",
+                 "--first-chunk", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     config = report["config"]
     assert (config["quantize"], config["tokenizer_dtype"], config["inline_vocoder"]) == ("int4", "bfloat16", True)
     assert config["native_decode"] is True and report["inline_vocoder_used"] is True
     assert report["native_kernels_used"] is (native.unavailable_reason() is None)
     assert (config["lookahead"], config["chunk"], config["first_chunk"]) == (2, 4, 2)
+    assert config["approximate"] == report["stream"]["approximate"] == "preview"
     assert report["tts_rtf_c1"] > 0 and report["asr_rtf"] > 0
 
 

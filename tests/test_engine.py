@@ -173,6 +173,39 @@ def test_streamed_audio_equals_offline_decode(model, voice, config):
     assert np.allclose(streamed - streamed.mean(), wav, atol=1e-5)
 
 
+def test_engine_streams_an_approximate_lookahead_as_the_streamer_does(model, voice):
+    """StreamConfig(lookahead=k) below the decoder's: the first chunk comes k codes after its last code, and
+    the engine's audio is what an AudioStreamer with that config makes of the same codes pushed one by one."""
+    options = {"seed": 1, "max_new_tokens": 100}
+    dec = model.bicodec.incremental_decoder(voice.global_codes[None])
+    config = StreamConfig(lookahead=dec.min_lookahead + 2)
+
+    async def main():
+        async with Engine(model, EngineConfig(stream=config)) as eng:
+            streamed = await collect(await eng.tts("Hello there.", voice, **options))
+            whole = await collect(await eng.tts("Hello there.", voice, stream=False, **options))
+            return streamed, whole
+
+    streamed, whole = run(main())
+    n = streamed[-1].output_tokens
+    assert n == whole[-1].output_tokens > config.first_chunk + config.lookahead
+    prompts = model.tts_prompts(["Hello there."], voice)
+    codes = model._generate(Task.TTS, prompts, model.sampling(Task.TTS, **options))[0]
+    assert len(codes) == n
+    s = AudioStreamer(model.bicodec, voice.global_codes, config)
+    expected = np.concatenate([c for code in model.vocab.semantic_codes(codes) for c in s.push([code])] + s.finish())
+    got = audio_of(streamed)
+    assert len(got) == len(expected) == n * 320 and np.allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got, audio_of(whole), atol=1e-4)  # approximate indeed
+
+
+def test_engine_refuses_a_lookahead_its_codec_cannot_give(model):
+    dec = model.bicodec.incremental_decoder(torch.zeros(1, model.bicodec.num_global_tokens, dtype=torch.long))
+    engine = Engine(model, EngineConfig(stream=StreamConfig(lookahead=dec.min_lookahead - 1)))
+    with pytest.raises(ValueError, match="approximate='commit' allows"):
+        engine.start()
+
+
 def test_inline_vocoder_is_the_default_on_two_threads():
     from gpa.engine.engine import INLINE_VOCODER_MAX_THREADS
 

@@ -14,6 +14,7 @@ import torch
 from conftest import rel_err
 
 from gpa.codecs.bicodec import BiCodec, BiCodecConfig
+from gpa.codecs.bicodec_stream import Chain
 from gpa.engine.streaming import AudioStreamer, StreamConfig
 
 ATOL = 1e-5  # float32 rounding: the same ops on differently cut tensors
@@ -165,18 +166,100 @@ def test_exact_stream_equals_offline_at_minimum_delay(codec, config):
             assert seen[:-1] == [int(e) + lookahead for e in ends[:-1]]
 
 
-def test_approximate_stream_trades_accuracy_for_delay(codec):
+def test_previewed_stream_trades_accuracy_for_delay(codec):
     semantic, glob = random_codes(codec, 150, 12)
     offline = codec.decode(semantic, glob)[0].numpy()
     snr = {}
     for lookahead in (2, 8, 16):
-        chunks, seen = run_streamer(codec, semantic, glob, StreamConfig(lookahead=lookahead), 1)
+        config = StreamConfig(lookahead=lookahead, approximate="preview")
+        chunks, seen = run_streamer(codec, semantic, glob, config, 1)
         y = np.concatenate(chunks)
         assert len(y) == len(offline)
         assert seen[0] == StreamConfig().first_chunk + lookahead
         snr[lookahead] = snr_db(y, offline)
     # Random weights: the numbers only show the direction (measured ~19, ~55, ~85 dB).
     assert snr[2] < snr[8] < snr[16] < 110, snr
+
+
+@torch.inference_mode()
+def front_outputs(codec, semantic, glob, split):
+    """Every frame's output of the decoder's frame-rate front (its first ``split`` flat ops) over all the codes,
+    offline: (B, C, T)."""
+    dec = codec.incremental_decoder(glob)
+    front = Chain(dec.ops.flat().ops[:split])
+    x = dec._input(codec.check_codes(semantic, dec.global_codes)[0])
+    return torch.cat([y for y in (front.step(x), front.flush()) if y is not None], dim=-1)
+
+
+def test_context_limited_decoder_commits_each_frame_as_if_the_codes_ended_there(codec):
+    # Codes pushed one at a time with a context of c: frame f is committed at the push that brings code
+    # f + c (0-based), so the ops after the front see, for frame f, the offline front output over the first
+    # f + c + 1 codes (all of them near the end), and decode those frames exactly.
+    n, context = 40, 5
+    semantic, glob = random_codes(codec, n, 21)
+    dec = codec.incremental_decoder(glob)
+    dec.limit_context(context)
+    assert dec.lookahead == context + dec.min_lookahead < codec.incremental_decoder(glob).lookahead
+    out = [dec.push(semantic[:, i : i + 1]) for i in range(n)]
+    out.append(dec.finish())
+    streamed = torch.cat(out, dim=1)
+    prefix = [semantic[:, : min(n, f + context + 1)] for f in range(n)]
+    committed = torch.cat([front_outputs(codec, prefix[f], glob, dec._split)[..., f : f + 1] for f in range(n)],
+                          dim=-1)
+    back = Chain(codec.incremental_decoder(glob).ops.flat().ops[dec._split :])
+    with torch.inference_mode():
+        expected = torch.cat([back.step(committed), back.flush()], dim=-1)[:, 0]
+    assert streamed.shape == expected.shape == (1, n * codec.hop_length)
+    assert (streamed - expected).abs().max() <= ATOL
+    offline = codec.decode(semantic, glob)
+    assert (streamed - offline).abs().max() > 100 * ATOL  # approximate: the test above is not the offline decode
+
+
+def test_context_limited_decoder_given_every_code_at_once_is_the_offline_decode(codec):
+    semantic, glob = random_codes(codec, 60, 22)
+    dec = codec.incremental_decoder(glob)
+    dec.limit_context(0)
+    y = torch.cat([dec.push(semantic), dec.finish()], dim=1)
+    assert (y - codec.decode(semantic, glob)).abs().max() <= ATOL
+
+
+def test_context_limit_is_checked(codec):
+    glob = random_codes(codec, 1, 23)[1]
+    dec = codec.incremental_decoder(glob)
+    front_lookahead = dec.lookahead - dec.min_lookahead
+    with pytest.raises(ValueError, match=r"context must be in \[0, "):
+        dec.limit_context(front_lookahead)
+    with pytest.raises(ValueError, match="context must be in"):
+        dec.limit_context(-1)
+    dec.push(random_codes(codec, 3, 23)[0])
+    with pytest.raises(RuntimeError, match="before the first push"):
+        dec.limit_context(1)
+    with pytest.raises(ValueError, match="approximate='commit' allows"):
+        AudioStreamer(codec, glob[0], StreamConfig(lookahead=dec.min_lookahead - 1))
+    with pytest.raises(ValueError, match="unknown approximate='fast'"):
+        StreamConfig(lookahead=3, approximate="fast")
+
+
+def test_committed_stream_is_cheap_and_approaches_offline_with_more_lookahead(codec):
+    semantic, glob = random_codes(codec, 150, 24)
+    offline = codec.decode(semantic, glob)[0].numpy()
+    dec = codec.incremental_decoder(glob)
+    snr = {}
+    for lookahead in (dec.min_lookahead, dec.min_lookahead + 8, dec.lookahead - 1):
+        s = AudioStreamer(codec, glob[0], StreamConfig(lookahead=lookahead))
+        assert not s.exact and s.decoder.context == lookahead - dec.min_lookahead
+        chunks, seen = [], []
+        for i, code in enumerate(semantic[0].tolist()):
+            new = s.push([code])
+            chunks += new
+            seen += [i + 1] * len(new)
+        chunks += s.finish()
+        y = np.concatenate(chunks)
+        assert len(y) == len(offline)
+        assert seen[0] == StreamConfig().first_chunk + lookahead
+        snr[lookahead] = snr_db(y, offline)
+    values = list(snr.values())
+    assert values[0] < values[1] < values[2], snr
 
 
 def test_redecode_method_with_left_context(codec):

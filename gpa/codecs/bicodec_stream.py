@@ -8,6 +8,12 @@ the outputs whose whole right context has arrived, and pads with zeros where the
 does (at the sequence start, and at its end on :meth:`IncrementalDecoder.finish`). The concatenated
 output therefore equals :meth:`BiCodec.decode` up to float rounding, at a fixed delay: after n
 codes, exactly ``n * hop_length - lag`` samples are final.
+
+Most of that delay is in the cheap frame-rate layers before the first upsampling (57 of BiCodec's 67
+frames of lookahead): :meth:`StreamDecoder.limit_context` commits those layers' outputs a given number
+of codes after their code, computed as if the codes ended there, and the upsampling layers after them
+decode every frame once, exactly. That is an approximation with a much shorter delay and almost no
+extra work (one pass of the frame-rate layers over their pending frames per push).
 """
 
 from __future__ import annotations
@@ -106,6 +112,13 @@ class Chain(Op):
         new = super().copy()
         new.ops = [op.copy() for op in self.ops]
         return new
+
+    def flat(self) -> Chain:
+        """The same ops with nested chains spliced in (equivalent: chains only run their ops in order)."""
+        ops: list[Op] = []
+        for op in self.ops:
+            ops += op.flat().ops if isinstance(op, Chain) else [op]
+        return Chain(ops)
 
 
 class Residual(Op):
@@ -322,6 +335,10 @@ class StreamDecoder:
         self.frames = 0  # codes pushed
         self.samples = 0  # samples returned
         self.finished = False
+        self.context: int | None = None  # limit_context(): codes of right context the front's outputs wait for
+        self._split = 0  # with a context limit: ops.ops[:_split] run at the frame rate (the front), the rest after
+        self._front_out = 0  # frames the front has made final (exactly)
+        self._committed = 0  # frames handed on to the ops after the front
 
     def _check_ops(self) -> None:
         assert self.ops.rate == self.codec.hop_length, f"decoder rate {self.ops.rate} != hop {self.codec.hop_length}"
@@ -329,19 +346,93 @@ class StreamDecoder:
     @property
     def lag(self) -> int:
         """Samples behind ``hop_length * frames`` that are not final until more codes (or the end) come."""
-        return self.ops.lag
+        if self.context is None:
+            return self.ops.lag
+        return self.context * self.codec.hop_length + self._back().lag
 
     @property
     def lookahead(self) -> int:
         """Codes needed after a code before all of its samples are final: ceil(lag / hop_length)."""
-        return math.ceil(self.ops.lag / self.codec.hop_length)
+        return math.ceil(self.lag / self.codec.hop_length)
+
+    @property
+    def min_lookahead(self) -> int:
+        """The lookahead of the ops after the frame-rate front: the least :meth:`limit_context` can give."""
+        ops = self.ops.flat().ops
+        split = next((i for i, op in enumerate(ops) if op.rate != 1), len(ops))
+        return math.ceil(Chain(ops[split:]).lag / self.codec.hop_length)
+
+    def limit_context(self, frames: int) -> None:
+        """Approximate decoding with a shorter delay: the frame-rate front commits its outputs ``frames`` codes
+        after their code.
+
+        The ops before the first upsampling (the front) are where most of the lookahead is; from now on each
+        push hands the ops after it every front output up to ``frames`` codes before the newest code, those
+        not yet final computed as if the codes ended there (the offline decode's zero padding). The ops after
+        the front then decode each frame once, exactly. :attr:`lookahead` becomes ``frames +``
+        :attr:`min_lookahead`. Which frames are committed early depends on how the codes are split into
+        pushes; pushing every code at once gives the offline decode.
+
+        Args:
+            frames: codes of right context each front output waits for, 0 <= frames < the front's own
+                lookahead (beyond it nothing would be approximate).
+        """
+        if self.frames or self.context is not None:
+            raise RuntimeError("limit_context() must come before the first push, once")
+        ops = self.ops.flat().ops
+        split = next((i for i, op in enumerate(ops) if op.rate != 1), len(ops))
+        front_lag = Chain(ops[:split]).lag
+        if not 0 <= frames < front_lag:
+            raise ValueError(f"context must be in [0, {front_lag}) frames (the frame-rate front's lookahead), "
+                             f"got {frames}")
+        self.ops, self._split, self.context = Chain(ops), split, frames
+
+    def _front(self) -> Chain:
+        return Chain(self.ops.ops[: self._split])
+
+    def _back(self) -> Chain:
+        return Chain(self.ops.ops[self._split :])
+
+    def _step(self, x: torch.Tensor | None, commit: bool) -> Frames:
+        """Run new input frames (if any) through the ops; with a context limit, commit the front's outputs."""
+        if self.context is None:
+            return None if x is None else self.ops.step(x)
+        front = self._front()
+        ready = None if x is None else self._from_front(front.step(x))
+        target = self.frames - self.context
+        if commit and target > self._committed:  # the front's pending outputs, as if the codes ended now
+            pending = front.copy().flush()
+            assert pending is not None and pending.shape[-1] == self.frames - self._front_out
+            ready = _cat(ready, pending[..., self._committed - self._front_out : target - self._front_out])
+            self._committed = target
+        return None if ready is None else self._back().step(ready)
+
+    def _flush(self) -> Frames:
+        if self.context is None:
+            return self.ops.flush()
+        back = self._back()
+        ready = self._from_front(self._front().flush())
+        return _cat(None if ready is None else back.step(ready), back.flush())
+
+    def _from_front(self, y: Frames) -> Frames:
+        """Exact front outputs (continuing at frame ``_front_out``) less those already committed."""
+        if y is None:
+            return None
+        start, self._front_out = self._front_out, self._front_out + y.shape[-1]
+        if self._front_out <= self._committed:
+            return None
+        y = y[..., max(0, self._committed - start) :]
+        self._committed = self._front_out
+        return y
 
     @torch.inference_mode()
-    def push(self, semantic: torch.Tensor) -> torch.Tensor:
+    def push(self, semantic: torch.Tensor, commit: bool = True) -> torch.Tensor:
         """Add codes; return the samples that became final.
 
         Args:
             semantic: (B, T) integer codes in [0, semantic_codebook_size), T >= 0.
+            commit: with a context limit (:meth:`limit_context`), commit the front's outputs now; False
+                leaves that for a later push (one commit per chunk costs one pass over the pending frames).
 
         Returns:
             (B, N) float32 samples at the codec's sample rate, continuing the previous outputs (N may be 0).
@@ -350,10 +441,9 @@ class StreamDecoder:
             raise RuntimeError("push() after finish(): this decoder's stream has ended")
         self._check_state()
         semantic, _ = self.codec.check_codes(semantic, self.global_codes)
-        if not semantic.shape[1]:
-            return self._out(None, final=False)
         self.frames += semantic.shape[1]
-        return self._out(self.ops.step(self._input(semantic)), final=False)
+        x = self._input(semantic) if semantic.shape[1] else None
+        return self._out(self._step(x, commit), final=False)
 
     @torch.inference_mode()
     def finish(self) -> torch.Tensor:
@@ -362,7 +452,7 @@ class StreamDecoder:
             raise RuntimeError("finish() called twice")
         self._check_state()
         self.finished = True
-        out = self._out(self.ops.flush(), final=True)
+        out = self._out(self._flush(), final=True)
         assert self.samples == self.frames * self.codec.hop_length, (self.samples, self.frames)
         return out
 

@@ -22,7 +22,7 @@ from gpa.api import GPA, VOCODER_DTYPES, Audio, Voice
 from gpa.config import Task
 from gpa.engine.backend import BACKENDS, Backend, FinishReason, TorchBackend, VLLMOptions
 from gpa.engine.request import AudioChunk, EngineError, EngineOverloaded, EngineRequest, Event, Finished, TextDelta
-from gpa.engine.streaming import AudioStreamer, StreamConfig, TextStreamer, receptive_field
+from gpa.engine.streaming import AudioStreamer, StreamConfig, TextStreamer, check_lookahead, receptive_field
 from gpa.generation import GenerationRequest
 from gpa.threads import release_thread_pool
 
@@ -279,6 +279,9 @@ class Engine:
         # incremental decoder knows its own exact lookahead from its layers.
         if self._field is None and stream.left is not None and stream.lookahead is None:
             self._field = receptive_field(self.model.bicodec)  # measured once, before any request
+        if stream.left is None:  # a lookahead the codec cannot give is refused here, not per request
+            check_lookahead(self.model.bicodec.incremental_decoder(
+                torch.zeros(1, self.model.bicodec.num_global_tokens, dtype=torch.long)), stream)
 
     def shutdown(self) -> None:
         """Stop the backend; requests still running end with an EngineError."""

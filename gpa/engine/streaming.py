@@ -4,9 +4,12 @@ Audio is decoded by one :class:`~gpa.codecs.bicodec_stream.IncrementalDecoder` p
 code is decoded once, every layer keeping the left context it still needs, and a sample is final
 once the decoder's right context (its ``lookahead``, 67 frames = 1.34 s with the official BiCodec)
 has arrived. The stream then equals the offline decode up to float rounding (no duplicated or
-missing samples, no crossfades). A smaller ``lookahead`` emits a chunk before that: its last samples
-are decoded as if the codes ended there (the offline decode's zero padding), which trades exactness
-for latency at the cost of re-decoding only that unfinished tail.
+missing samples, no crossfades). A smaller ``lookahead`` trades exactness for latency. Down to the
+lookahead of the decoder's upsampling layers (10 frames with the official BiCodec) the frame-rate
+layers before them commit their outputs early, as if the codes ended there, and every code is still
+decoded once (:meth:`~gpa.codecs.bicodec_stream.StreamDecoder.limit_context`). Below that, each chunk's
+last samples are decoded as if the codes ended there (the offline decode's zero padding) and re-decoded
+exactly later: a preview per chunk that costs about the decoder's whole lookahead in work.
 
 The previous method, re-decoding every chunk inside a window of ``left`` and ``lookahead`` frames of
 context, stays available by setting ``StreamConfig.left`` (it costs about (chunk + left + lookahead)
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 
 from gpa.codecs.bicodec import BiCodec
+from gpa.codecs.bicodec_stream import StreamDecoder
+from gpa.config import STREAM_APPROXIMATIONS
 from gpa.vocab import Vocab
 
 
@@ -33,11 +38,19 @@ class StreamConfig:
     # Decoding is incremental, so chunk sizes barely change the vocoder's work; steady small chunks
     # keep playback smooth when generation is only a little faster than real time.
     lookahead: int | None = None  # codes after a chunk before it is emitted; None: exact (the decoder's lookahead)
+    # How a lookahead below the decoder's is made up (see the module doc): "commit" (every code decoded
+    # once, each frame approximate; lookahead >= the decoder's min_lookahead) or "preview" (each chunk's
+    # tail decoded as if the codes ended, then re-decoded exactly: closer, but about the decoder's whole
+    # lookahead in extra work per chunk).
+    approximate: str = "commit"
     left: int | None = None  # set: the old method, re-decoding each chunk with this much left context
 
     def __post_init__(self) -> None:
         if self.first_chunk < 1 or self.chunk < 1:
             raise ValueError(f"chunk sizes must be >= 1, got first_chunk={self.first_chunk}, chunk={self.chunk}")
+        if self.approximate not in STREAM_APPROXIMATIONS:
+            raise ValueError(f"unknown approximate={self.approximate!r}; "
+                             f"choose one of {', '.join(STREAM_APPROXIMATIONS)}")
         for name in ("left", "lookahead"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -65,6 +78,16 @@ def receptive_field(codec: BiCodec, bound: int = 128) -> int:
     return radius
 
 
+def check_lookahead(decoder: StreamDecoder, config: StreamConfig) -> None:
+    """Raise ValueError if ``config.lookahead`` cannot be had with ``config.approximate`` on this decoder."""
+    ahead = config.lookahead
+    if config.left is None and ahead is not None and config.approximate == "commit" and (
+            ahead < decoder.lookahead and ahead < decoder.min_lookahead):
+        raise ValueError(f"lookahead {ahead} is below what approximate='commit' allows with this codec "
+                         f"({decoder.min_lookahead} to {decoder.lookahead} codes, or None for exact); "
+                         "approximate='preview' allows less")
+
+
 class AudioStreamer:
     """Turns a growing list of semantic codes into consecutive waveform chunks.
 
@@ -87,8 +110,14 @@ class AudioStreamer:
         self.decoder = None if config.left is not None else codec.incremental_decoder(self.global_codes)
         if self.decoder is not None:
             self.left = 0  # never re-decoded: the decoder keeps its own left context
-            self.lookahead = self.decoder.lookahead if config.lookahead is None else config.lookahead
-            self.exact = self.lookahead >= self.decoder.lookahead  # else chunk tails are approximate
+            ahead = config.lookahead
+            self.exact = ahead is None or ahead >= self.decoder.lookahead  # the stream equals the offline decode
+            if not self.exact and config.approximate == "commit":
+                # Approximate at almost no extra work: the frame-rate layers commit their outputs early and
+                # the upsampling layers decode every frame once (StreamDecoder.limit_context).
+                check_lookahead(self.decoder, config)
+                self.decoder.limit_context(ahead - self.decoder.min_lookahead)
+            self.lookahead = self.decoder.lookahead if ahead is None else ahead
             self.fed = 0  # codes given to the decoder
             self.done = 0  # samples the decoder has made final (some may already be out, if not exact)
             self.held: list[torch.Tensor] = [torch.zeros(0)]  # final samples not yet out, from self.emitted
@@ -109,7 +138,9 @@ class AudioStreamer:
         while len(self.codes) >= self.emitted + self._next_size() + self.lookahead:
             chunks.append(self._emit(self.emitted + self._next_size()))
         if self.decoder is not None and len(self.codes) - self.fed >= self._next_size():
-            self._feed()  # decode ahead in chunk-sized blocks so little is left when a chunk falls due
+            # Decode ahead in chunk-sized blocks so little is left when a chunk falls due; a context-limited
+            # decoder commits (a pass over its pending frames) only when a chunk is due.
+            self._feed(commit=False)
         return chunks
 
     def finish(self) -> list[np.ndarray]:
@@ -139,9 +170,11 @@ class AudioStreamer:
         self.held = [held[n:] if self.done > stop * hop else held[:0]]  # drop approximate samples
         return held[:n].numpy()
 
-    def _feed(self) -> None:
-        if len(self.codes) > self.fed:
-            self._take(self.decoder.push(torch.tensor([self.codes[self.fed :]])))
+    def _feed(self, commit: bool = True) -> None:
+        if self.decoder.finished:
+            return
+        if len(self.codes) > self.fed or (commit and self.decoder.context is not None):
+            self._take(self.decoder.push(torch.tensor([self.codes[self.fed :]], dtype=torch.long), commit))
             self.fed = len(self.codes)
 
     def _take(self, samples: torch.Tensor) -> None:
