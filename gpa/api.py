@@ -33,7 +33,7 @@ from gpa.config import (
 from gpa.generation import GenerationRequest, beam_search, generate
 from gpa.logits import allowed_ids, stop_ids, task_filters
 from gpa.model import GPALM
-from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt
+from gpa.prompts import Prompt, asr_prompt, tts_prompt, vc_prompt, voice_prefix
 from gpa.quant import int8_gemm_linears
 from gpa.text import compression_ratio, split_text
 from gpa.vocab import Vocab
@@ -379,7 +379,8 @@ class GPA:
 
     def generation_request(self, task: Task, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
         """A prompt with its task's output constraints and stop tokens (shared by the API and the engine)."""
-        return GenerationRequest(prompt_ids, params, self._filters[task], self._stops[task], self._allowed[task])
+        return GenerationRequest(prompt_ids, params, self._filters[task], self._stops[task], self._allowed[task],
+                                 prefix=voice_prefix(self.vocab, prompt_ids))
 
     def _decode(self, ids: list[int], global_codes: torch.Tensor, remove_dc: bool = True) -> tuple[np.ndarray, int]:
         """Semantic ids -> waveform; the offline API removes the DC offset as the authors do."""

@@ -43,6 +43,7 @@ class BenchConfig:
     dtype: str | None = None  # LLM dtype: float32, bfloat16, or None (the loader's: bf16 with int8, else float32)
     lookahead: int | None = None  # codes awaited after a chunk; None: exact, below the decoder's lookahead: approximate
     approximate: str = "commit"  # how a lookahead below the decoder's is made up (StreamConfig.approximate)
+    prefix_cache: int = 0  # voices whose prompt block keeps its keys and values (EngineConfig.prefix_cache)
     first_chunk: int = 5  # frames in the first audio chunk
     chunk: int = 10  # the largest chunk (chunks double from first_chunk up to it)
     vocoder_dtype: str | None = None  # BiCodec decoding dtype: None (the checkpoint's choice), float32 or bfloat16
@@ -187,9 +188,10 @@ async def _stream_fidelity(engine: Engine, model: GPA, voice: Voice, tokens: int
     if len(streamed) != len(offline):
         return {"samples_streamed": len(streamed), "samples_offline": len(offline)}  # other tokens: not comparable
     err = streamed - offline
-    signal, noise = float(np.sum(offline**2)), float(np.sum(err**2))
+    centred = offline - offline.mean()  # the signal without its DC offset (random weights give mostly DC)
+    signal, noise = float(np.sum(centred**2)), float(np.sum(err**2))
     return {"snr_db": 10 * np.log10(signal / noise) if noise else float("inf"),
-            "max_abs_err": float(np.abs(err).max()), "signal_rms": float(np.sqrt(np.mean(offline**2)))}
+            "max_abs_err": float(np.abs(err).max()), "signal_std": float(np.sqrt(np.mean(centred**2)))}
 
 
 async def _engine_rounds(engine: Engine, model: GPA, cfg: BenchConfig,
@@ -221,6 +223,7 @@ def _run_engine(model: GPA, cfg: BenchConfig, voice: Voice) -> tuple[list[dict],
                           approximate=cfg.approximate)
     seq = 512 + cfg.tts_tokens + int(70 * cfg.asr_seconds)
     engine = Engine(model, EngineConfig(max_slots=max(cfg.concurrency), max_seq_len=seq, stream=stream,
+                                        prefix_cache=cfg.prefix_cache,
                                         inline_vocoder=cfg.inline_vocoder,
                                         backend=cfg.backend,
                                         vllm=_vllm_options(cfg, model)))

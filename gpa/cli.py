@@ -109,14 +109,7 @@ def _add_bench(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated TTS concurrencies")
     p.add_argument("--tts-tokens", type=int, default=250, help="semantic tokens per TTS request (50 per second)")
     p.add_argument("--asr-seconds", type=float, default=10.0, help="ASR input length")
-    p.add_argument("--lookahead", type=int, default=None,
-                   help="codes awaited after an audio chunk (default: exact, the decoder's full lookahead; "
-                        "fewer: lower latency, approximate audio, see --approximate)")
-    p.add_argument("--approximate", default="commit", choices=list(STREAM_APPROXIMATIONS),
-                   help="with a --lookahead below the decoder's: 'commit' (each code decoded once, every frame "
-                        "approximate) or 'preview' (chunk tails approximate, re-decoded later: more work)")
-    p.add_argument("--first-chunk", type=int, default=5, help="frames (20 ms) in the first audio chunk")
-    p.add_argument("--chunk", type=int, default=10, help="frames in the largest audio chunk (chunks double up to it)")
+    _add_stream_flags(p)
     p.add_argument("--inline-vocoder", default=None, action=argparse.BooleanOptionalAction,
                    help="decode audio on the decode loop's thread between steps (default: when torch runs at most "
                         "2 threads)")
@@ -150,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model, concurrency=concurrency, tts_tokens=args.tts_tokens,
                       asr_seconds=args.asr_seconds, dtype=args.dtype,
                       lookahead=args.lookahead, approximate=args.approximate, first_chunk=args.first_chunk,
-                      chunk=args.chunk,
+                      chunk=args.chunk, prefix_cache=args.prefix_cache,
                       inline_vocoder=args.inline_vocoder, **speed_options(args),
                       baseline_tokens=args.baseline_tokens, repeat=args.repeat, threads=args.threads,
                       backend=args.backend, vllm=vllm)
@@ -211,6 +204,7 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--inline-vocoder", default=None, action=argparse.BooleanOptionalAction,
                    help="decode audio on the decode loop's thread between steps (default: when torch runs at most "
                         "2 threads; faster on 2-core CPUs)")
+    _add_stream_flags(p)
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
     p.add_argument("--max-seq-len", type=int, default=4096, help="prompt + output tokens per slot")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests handled at once before 429s")
@@ -227,6 +221,21 @@ def _add_serve(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     _add_vllm_flags(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="logging verbosity (stderr)")
+
+
+def _add_stream_flags(p: argparse.ArgumentParser) -> None:
+    """How the engine streams audio and reuses voice prompts (``gpa serve`` and ``gpa bench``)."""
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="codes awaited after an audio chunk (default: exact, the decoder's full lookahead; "
+                        "fewer: lower latency, approximate audio, see --approximate)")
+    p.add_argument("--approximate", default="commit", choices=list(STREAM_APPROXIMATIONS),
+                   help="with a --lookahead below the decoder's: 'commit' (each code decoded once, every frame "
+                        "approximate) or 'preview' (chunk tails approximate, re-decoded later: more work)")
+    p.add_argument("--first-chunk", type=int, default=5, help="frames (20 ms) in the first audio chunk")
+    p.add_argument("--chunk", type=int, default=10, help="frames in the largest audio chunk (chunks double up to it)")
+    p.add_argument("--prefix-cache", type=int, default=0,
+                   help="voices whose prompt block keeps its keys and values for the next request in that voice "
+                        "(a shorter prefill; 0: off)")
 
 
 def _add_vllm_flags(p: argparse.ArgumentParser) -> None:
@@ -455,7 +464,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise CLIError(f"gpa serve needs the server extra: pip install 'gpa[server]' ({e})") from e
     from gpa.api import load
-    from gpa.engine import EngineConfig
+    from gpa.engine import EngineConfig, StreamConfig
 
     model_dir = _model_dir(args.model)
     vllm = _vllm_options(args, str(model_dir))
@@ -469,7 +478,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent, request_timeout_s=args.request_timeout,
         engine=EngineConfig(max_slots=args.max_slots, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
                             backend=args.backend, vllm=vllm, vocoder_dtype=args.vocoder_dtype,
-                            inline_vocoder=args.inline_vocoder),
+                            inline_vocoder=args.inline_vocoder, prefix_cache=args.prefix_cache,
+                            stream=StreamConfig(first_chunk=args.first_chunk, chunk=args.chunk,
+                                                lookahead=args.lookahead, approximate=args.approximate)),
         **{k: v for k, v in optional.items() if v is not None})
     model = load(model_dir, device=args.device, **speed_options(args))
     serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)

@@ -8,6 +8,7 @@ sampled from the prefill logits), then every live sequence advances one token pe
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -33,6 +34,9 @@ class GenerationRequest:
     filters: list[LogitFilter] = field(default_factory=list)  # output constraints
     stop: frozenset[int] = frozenset()  # ids that end the sequence (kept in the output)
     allowed: Tensor | None = None  # (V,) bool: the only ids it may emit (the head computes just those)
+    # The first ``prefix`` prompt ids are shared by other requests (a voice's block): a decoder with a prefix
+    # cache keeps their keys and values and prefills only the rest next time.
+    prefix: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,10 @@ class SequenceState:
 class SlotDecoder:
     """Owns the KV cache; admits sequences into free slots and advances them together."""
 
-    def __init__(self, model: GPALM, slots: int, max_seq_len: int, restrict_head: bool = True) -> None:
+    def __init__(self, model: GPALM, slots: int, max_seq_len: int, restrict_head: bool = True,
+                 prefix_cache: int = 0) -> None:
+        """``prefix_cache``: how many request prefixes (``GenerationRequest.prefix``) keep their keys and values
+        for later prompts that start with them (least recently used first out); 0: none."""
         cfg = model.config
         self.model = model.fuse()  # fewer, larger matmuls per step (same weights, no copy)
         self.restrict_head = restrict_head
@@ -129,6 +136,10 @@ class SlotDecoder:
         self.cache = KVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
                              dtype=kv_dtype, device=self.device)
         self.free = list(range(slots))[::-1]  # pop() hands out slot 0 first
+        if prefix_cache < 0:
+            raise ValueError(f"prefix_cache must be >= 0, got {prefix_cache}")
+        self.prefix_cache = prefix_cache
+        self._prefixes: OrderedDict[tuple[int, ...], list[Tensor]] = OrderedDict()  # ids -> each cache tensor's part
 
     def check_fits(self, request: GenerationRequest) -> None:
         """Raise if the prompt is empty or prompt + max_new_tokens exceeds the cache length."""
@@ -154,10 +165,31 @@ class SlotDecoder:
         if not self.free:
             raise RuntimeError("no free KV-cache slot")
         state = SequenceState(request, self.free.pop(), self.device)
-        ids = torch.tensor([request.prompt], device=self.device)
-        hidden = self.model(ids, cache=self.cache, cache_rows=slice(state.slot, state.slot + 1), last_only=True,
-                            hidden_only=True)
+        start, store = self._reuse_prefix(request, state.slot)
+        ids = torch.tensor([request.prompt[start:]], device=self.device)
+        positions = torch.arange(start, len(request.prompt), device=self.device)[None]
+        hidden = self.model(ids, positions=positions, cache=self.cache, cache_rows=slice(state.slot, state.slot + 1),
+                            last_only=True, hidden_only=True)
+        if store is not None:  # the prefix's keys and values, as this prefill wrote them
+            self._prefixes[store] = [t[:, state.slot, :, : len(store)].clone() for t in self.cache.tensors()]
+            while len(self._prefixes) > self.prefix_cache:
+                self._prefixes.popitem(last=False)
         return state, self._logits(hidden[:, -1], [state])
+
+    def _reuse_prefix(self, request: GenerationRequest, slot: int) -> tuple[int, tuple[int, ...] | None]:
+        """Put a cached prefix of ``request`` into ``slot`` -> (positions already filled, the prefix to store
+        after the prefill or None)."""
+        n = request.prefix
+        if not self.prefix_cache or not 0 < n < len(request.prompt):  # the last prompt id always runs
+            return 0, None
+        key = tuple(request.prompt[:n])
+        stored = self._prefixes.get(key)
+        if stored is None:
+            return 0, key
+        self._prefixes.move_to_end(key)
+        for t, part in zip(self.cache.tensors(), stored, strict=True):
+            t[:, slot, :, :n] = part
+        return n, None
 
     @torch.inference_mode()
     def step(self, states: Sequence[SequenceState]) -> None:

@@ -107,15 +107,18 @@ class CacheView:
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | bool) -> Tensor:
     """Grouped-query attention of q (B, H, T, D) over k, v (B, KV, S, D) -> (B, H, T, D).
 
-    ``mask``: True for causal, False for none, or a (B, 1, T, S) bool tensor of allowed keys.
+    ``mask``: True for causal (the queries being the last T of the S positions), False for none, or a
+    (B, 1, T, S) bool tensor of allowed keys.
     torch's fused CPU kernel is fast in float32 but several times slower than two plain matmuls
     in bfloat16, so reduced precision takes the explicit path (softmax in float32).
     """
-    if q.dtype == torch.float32 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if isinstance(mask, bool) else mask,
-                                              is_causal=mask is True, enable_gqa=k.shape[1] != q.shape[1])
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        if mask is True and S != T:  # the queries are the last T of S positions (torch aligns is_causal top-left)
+            mask = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if isinstance(mask, bool) else mask,
+                                              is_causal=mask is True, enable_gqa=k.shape[1] != q.shape[1])
     qg = q.view(B, KV, H // KV, T, D)  # heads sharing a K/V head sit together
     scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).float() * D**-0.5  # (B, KV, G, T, S)
     if mask is True:
@@ -424,7 +427,8 @@ class GPALM(nn.Module):
 
         With a cache, S is the highest position in the batch + 1: later entries are stale or empty.
         Two common cases need no mask tensor: ``True`` means plain causal attention over the T
-        tokens (an unpadded batch, or one row prefilled from position 0); ``False`` means attend
+        tokens (an unpadded batch, or one row prefilled from position 0), or over the S cached keys of
+        which the T queries are the last (one row prefilled after a cached prefix); ``False`` means attend
         to every key (one query, one row, at the last position). Otherwise a (B, 1, T, S) bool
         tensor, or for one query per row with a cache, a (B * KV, S) additive float bias (0 or
         -inf, in the model's dtype) for :func:`attend_one`.
@@ -432,6 +436,8 @@ class GPALM(nn.Module):
         B, T = positions.shape
         if padding_mask is None and (cache is None or (B == 1 and int(positions[0, 0]) == 0)):
             return True
+        if padding_mask is None and B == 1 and T > 1 and int(positions[0, 0]) + T == max_pos + 1:
+            return True  # one row prefilled after a cached prefix: causal over the prefix and these T tokens
         if cache is None:
             key_pos = positions  # (B, S=T)
         else:

@@ -59,6 +59,17 @@ def _global_block(vocab: Vocab, global_codes: Codes) -> list[int]:
     return _wrap(vocab.start_global, ids, vocab.end_global)
 
 
+def voice_prefix(vocab: Vocab, prompt_ids: Sequence[int]) -> int:
+    """Length of the voice block a TTS or VC prompt starts with (``<start_global> G <end_global>``), which every
+    prompt in that voice shares; 0 for a prompt that starts otherwise."""
+    if not prompt_ids or prompt_ids[0] != vocab.start_global:
+        return 0
+    try:
+        return list(prompt_ids).index(vocab.end_global) + 1
+    except ValueError:
+        return 0
+
+
 def _nonempty(codes: Codes, what: str) -> Codes:
     if len(codes) == 0:
         raise ValueError(f"{what} is empty")

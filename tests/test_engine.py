@@ -199,6 +199,35 @@ def test_engine_streams_an_approximate_lookahead_as_the_streamer_does(model, voi
     assert not np.allclose(got, audio_of(whole), atol=1e-4)  # approximate indeed
 
 
+def test_prefix_cache_reuses_a_voice_and_keeps_the_tokens(model, voice, monkeypatch):
+    """EngineConfig(prefix_cache=...): the second request in a voice prefills only what follows the voice block,
+    and greedy requests still get the offline tokens."""
+    prefilled = []  # prompt tokens each prefill runs
+    forward = type(model.lm).forward
+
+    def spy(self, ids, *args, **kwargs):
+        if ids.shape[1] > 1:
+            prefilled.append(ids.shape[1])
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.lm), "forward", spy)
+    texts = ["Hello there.", "Three."]
+
+    async def main():
+        async with Engine(model, EngineConfig(prefix_cache=4)) as eng:
+            return [await collect(await eng.tts(t, voice, **GREEDY)) for t in texts]
+
+    results = run(main())
+    lengths = [len(model.tts_prompts([t], voice)[0].prompt_ids) for t in texts]
+    assert [r[-1].prompt_tokens for r in results] == lengths
+    assert prefilled == [lengths[0], lengths[1] - (model.bicodec.num_global_tokens + 2)]  # the voice block reused
+    monkeypatch.undo()
+    for text, events in zip(texts, results, strict=True):
+        wav = model.tts(text, voice, **GREEDY)[0]
+        got = audio_of(events)
+        assert len(got) == len(wav) and np.allclose(got - got.mean(), wav, atol=1e-5)
+
+
 def test_engine_refuses_a_lookahead_its_codec_cannot_give(model):
     dec = model.bicodec.incremental_decoder(torch.zeros(1, model.bicodec.num_global_tokens, dtype=torch.long))
     engine = Engine(model, EngineConfig(stream=StreamConfig(lookahead=dec.min_lookahead - 1)))

@@ -368,3 +368,66 @@ def test_build_for_loading_skips_init_and_keeps_computed_buffers():
     assert all(torch.equal(part.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(RuntimeError, match="lost: a non-persistent buffer built on the meta device"):
         build_for_loading(lambda: Part(stray=True))
+
+
+def _spy_prefill_lengths(decoder: SlotDecoder, monkeypatch) -> list[int]:
+    """The number of prompt tokens each forward pass of ``decoder``'s model runs."""
+    lengths: list[int] = []
+    model = decoder.model
+    forward = type(model).forward
+
+    def spy(self, ids, *args, **kwargs):
+        lengths.append(ids.shape[1])
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    return lengths
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_prefix_cache_prefills_only_the_rest_and_gives_the_same_tokens(mini_dir, quantize, monkeypatch):
+    """Requests sharing a prefix (a voice block): with a prefix cache the second prefill runs only the tokens after
+    it, its logits agree with a full prefill to float rounding, and greedy generation gives the same tokens."""
+    lm = load_lm(Checkpoint.open(mini_dir), quantize=quantize)
+    voice = _random_ids(20, lm.config.vocab_size, 1)
+    prompts = [voice + _random_ids(n, lm.config.vocab_size, 2 + n) for n in (9, 14, 9)]
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    requests = [GenerationRequest(p, params, prefix=len(voice)) for p in prompts]
+    plain = SlotDecoder(lm, 1, 64)
+    cached = SlotDecoder(lm, 1, 64, prefix_cache=2)
+    lengths = _spy_prefill_lengths(cached, monkeypatch)
+    for i, request in enumerate(requests):
+        state, logits = cached.prefill_logits(request)
+        cached.release(state)
+        ref_state, ref = plain.prefill_logits(request)
+        plain.release(ref_state)
+        assert lengths[-2] == (len(request.prompt) if i == 0 else len(request.prompt) - len(voice))
+        if quantize == "none":
+            assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-4), i
+        else:  # bfloat16 activations: rounding at bfloat16's precision
+            assert rel_err(logits, ref) < 1e-2, i
+    assert [generate(lm, [r])[0] for r in requests] == [
+        _generate_with(cached, r) for r in requests]
+
+
+def _generate_with(decoder: SlotDecoder, request: GenerationRequest) -> list[int]:
+    state = decoder.prefill(request)
+    while not state.finished:
+        decoder.step([state])
+    decoder.release(state)
+    return state.output
+
+
+def test_prefix_cache_keeps_the_most_recent_prefixes(lm):
+    params = SamplingParams(temperature=0, max_new_tokens=2)
+    voices = [_random_ids(12, lm.config.vocab_size, 10 + v) for v in range(3)]
+    decoder = SlotDecoder(lm, 1, 64, prefix_cache=2)
+    for v in (0, 1, 0, 2):  # voice 1 is the least recently used when voice 2 comes
+        state = decoder.prefill(GenerationRequest(voices[v] + [5, 6, 7], params, prefix=12))
+        decoder.release(state)
+    assert list(decoder._prefixes) == [tuple(voices[0]), tuple(voices[2])]
+    state = decoder.prefill(GenerationRequest(voices[0][:5], params, prefix=12))  # prefix not shorter: not cached
+    decoder.release(state)
+    assert len(decoder._prefixes) == 2
+    with pytest.raises(ValueError, match="prefix_cache must be >= 0"):
+        SlotDecoder(lm, 1, 8, prefix_cache=-1)

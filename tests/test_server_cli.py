@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import signal
@@ -26,7 +27,7 @@ def test_gpa_serve_runs_and_stops(mini_dir, tmp_path):
     cmd = [sys.executable, "-m", "gpa", "serve", "--model", str(mini_dir), "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--voices-dir", str(tmp_path / "voices"), "--api-key", "k", "--max-slots", "2",
            "--log-level", "WARNING", "--quantize", "int4", "--tokenizer-dtype", "bfloat16", "--inline-vocoder",
-           "--native-decode"]
+           "--native-decode", "--lookahead", "12", "--prefix-cache", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "GPA_MODEL": ""})
     url = f"http://127.0.0.1:{port}"
@@ -52,6 +53,12 @@ def test_gpa_serve_runs_and_stops(mini_dir, tmp_path):
         r = httpx.post(f"{url}/v1/audio/transcriptions", headers={"Authorization": "Bearer k"}, timeout=120,
                        files={"file": ("a.wav", buf.getvalue())}, data={"max_new_tokens": "4", "seed": "0"})
         assert r.status_code == 200 and isinstance(r.json()["text"], str), r.text
+        # and the streaming flags: a TTS request streams through an approximate lookahead and the prefix cache
+        for _ in range(2):  # the second in the same voice reuses its prompt block
+            r = httpx.post(f"{url}/v1/audio/speech", headers={"Authorization": "Bearer k"}, timeout=120,
+                           json={"input": "Hi.", "ref_audio": base64.b64encode(buf.getvalue()).decode(),
+                                 "response_format": "pcm", "max_new_tokens": 40, "seed": 0})
+            assert r.status_code == 200 and len(r.content) > 0, r.text
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

@@ -183,10 +183,10 @@ def test_previewed_stream_trades_accuracy_for_delay(codec):
 
 @torch.inference_mode()
 def front_outputs(codec, semantic, glob, split):
-    """Every frame's output of the decoder's frame-rate front (its first ``split`` flat ops) over all the codes,
+    """Every frame's output of the decoder's frame-rate front (its first ``split`` ops) over all the codes,
     offline: (B, C, T)."""
     dec = codec.incremental_decoder(glob)
-    front = Chain(dec.ops.flat().ops[:split])
+    front = Chain(dec.ops.ops[:split])
     x = dec._input(codec.check_codes(semantic, dec.global_codes)[0])
     return torch.cat([y for y in (front.step(x), front.flush()) if y is not None], dim=-1)
 
@@ -206,7 +206,7 @@ def test_context_limited_decoder_commits_each_frame_as_if_the_codes_ended_there(
     prefix = [semantic[:, : min(n, f + context + 1)] for f in range(n)]
     committed = torch.cat([front_outputs(codec, prefix[f], glob, dec._split)[..., f : f + 1] for f in range(n)],
                           dim=-1)
-    back = Chain(codec.incremental_decoder(glob).ops.flat().ops[dec._split :])
+    back = Chain(codec.incremental_decoder(glob).ops.ops[dec._split :])
     with torch.inference_mode():
         expected = torch.cat([back.step(committed), back.flush()], dim=-1)[:, 0]
     assert streamed.shape == expected.shape == (1, n * codec.hop_length)

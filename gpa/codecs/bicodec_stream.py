@@ -9,7 +9,7 @@ does (at the sequence start, and at its end on :meth:`IncrementalDecoder.finish`
 output therefore equals :meth:`BiCodec.decode` up to float rounding, at a fixed delay: after n
 codes, exactly ``n * hop_length - lag`` samples are final.
 
-Most of that delay is in the cheap frame-rate layers before the first upsampling (57 of BiCodec's 67
+Most of that delay is in the cheap frame-rate layers before the wave generator (57 of BiCodec's 67
 frames of lookahead): :meth:`StreamDecoder.limit_context` commits those layers' outputs a given number
 of codes after their code, computed as if the codes ended there, and the upsampling layers after them
 decode every frame once, exactly. That is an approximation with a much shorter delay and almost no
@@ -112,13 +112,6 @@ class Chain(Op):
         new = super().copy()
         new.ops = [op.copy() for op in self.ops]
         return new
-
-    def flat(self) -> Chain:
-        """The same ops with nested chains spliced in (equivalent: chains only run their ops in order)."""
-        ops: list[Op] = []
-        for op in self.ops:
-            ops += op.flat().ops if isinstance(op, Chain) else [op]
-        return Chain(ops)
 
 
 class Residual(Op):
@@ -358,9 +351,12 @@ class StreamDecoder:
     @property
     def min_lookahead(self) -> int:
         """The lookahead of the ops after the frame-rate front: the least :meth:`limit_context` can give."""
-        ops = self.ops.flat().ops
-        split = next((i for i, op in enumerate(ops) if op.rate != 1), len(ops))
-        return math.ceil(Chain(ops[split:]).lag / self.codec.hop_length)
+        return math.ceil(Chain(self.ops.ops[self._front_ops() :]).lag / self.codec.hop_length)
+
+    def _front_ops(self) -> int:
+        """How many of the decoder's top-level ops run at the frame rate before the first that upsamples."""
+        ops = self.ops.ops
+        return next((i for i, op in enumerate(ops) if op.rate != 1), len(ops))
 
     def limit_context(self, frames: int) -> None:
         """Approximate decoding with a shorter delay: the frame-rate front commits its outputs ``frames`` codes
@@ -379,13 +375,12 @@ class StreamDecoder:
         """
         if self.frames or self.context is not None:
             raise RuntimeError("limit_context() must come before the first push, once")
-        ops = self.ops.flat().ops
-        split = next((i for i, op in enumerate(ops) if op.rate != 1), len(ops))
-        front_lag = Chain(ops[:split]).lag
+        split = self._front_ops()
+        front_lag = Chain(self.ops.ops[:split]).lag
         if not 0 <= frames < front_lag:
             raise ValueError(f"context must be in [0, {front_lag}) frames (the frame-rate front's lookahead), "
                              f"got {frames}")
-        self.ops, self._split, self.context = Chain(ops), split, frames
+        self._split, self.context = split, frames
 
     def _front(self) -> Chain:
         return Chain(self.ops.ops[: self._split])

@@ -156,13 +156,15 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, lm: GPALM, slots: int, max_seq_len: int, heads: Sequence[Tensor | None] = ()) -> None:
-        """``heads``: the id sets (allowed masks) whose output heads are built now rather than at first use."""
+    def __init__(self, lm: GPALM, slots: int, max_seq_len: int, heads: Sequence[Tensor | None] = (),
+                 prefix_cache: int = 0) -> None:
+        """``heads``: the id sets (allowed masks) whose output heads are built now rather than at first use;
+        ``prefix_cache``: voice blocks whose keys and values are kept for reuse (SlotDecoder)."""
         self.slots = slots
         # torch's thread count for the loop's thread, taken here: a new thread otherwise takes whatever count the
         # last thread to set one chose when it first runs a parallel op (the engine's helpers set theirs to 1)
         self.threads = torch.get_num_threads()
-        self.decoder = SlotDecoder(lm, slots, max_seq_len)
+        self.decoder = SlotDecoder(lm, slots, max_seq_len, prefix_cache=prefix_cache)
         self.decoder.prepare_heads(heads)
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[_Job] = deque()

@@ -53,6 +53,11 @@ class EngineConfig:
     # runs at most INLINE_VOCODER_MAX_THREADS threads (0.3B, int4, native decode, 2 cores: TTS c=8 1.16x ->
     # 1.40x real time, c=1 RTF ~1.4 -> ~1.0), off with more cores, where the vocoder thread runs alongside.
     inline_vocoder: bool | None = None
+    # Voices whose prompt block (<start_global> G <end_global>) keeps its keys and values in the torch backend, so a
+    # request in a recent voice prefills only its text or source codes (0.3B: 87 -> 53 prompt tokens for a short
+    # sentence). The rest of the prompt attends to the stored keys and values as to its own: logits agree with a
+    # full prefill to float rounding (tests/test_lm.py; 1e-4 of the logits' scale with bfloat16 activations). 0: off.
+    prefix_cache: int = 0
 
     def resolved_inline_vocoder(self) -> bool:
         """Whether audio is decoded on the decode loop's thread (``inline_vocoder``, None resolved here)."""
@@ -61,6 +66,8 @@ class EngineConfig:
         return torch.get_num_threads() <= INLINE_VOCODER_MAX_THREADS
 
     def __post_init__(self) -> None:
+        if self.prefix_cache < 0:
+            raise ValueError(f"prefix_cache must be >= 0, got {self.prefix_cache}")
         if self.helper_threads is not None and self.helper_threads < 1:
             raise ValueError(f"helper_threads must be >= 1 or None, got {self.helper_threads}")
         if self.vocoder_dtype is not None and self.vocoder_dtype not in VOCODER_DTYPES:
@@ -77,7 +84,8 @@ def make_backend(model: GPA, config: EngineConfig) -> Backend:
     """The backend ``config`` names, built for ``model``."""
     if config.backend == "torch":
         return TorchBackend(model.lm, config.max_slots, config.max_seq_len,
-                            heads=[model.generation_request(t, [], model.sampling(t)).allowed for t in Task])
+                            heads=[model.generation_request(t, [], model.sampling(t)).allowed for t in Task],
+                            prefix_cache=config.prefix_cache)
     if config.vllm.url is not None:
         try:
             from gpa.engine.vllm_http import VLLMHTTPBackend
