@@ -7,8 +7,9 @@ processes hits all cases alike. Real-time factor = decoding seconds / audio seco
 
 Accuracy (random weights, so only indicative of trained ones): bfloat16 decoding against float32
 on the golden fixture codes (gpa-mini codec, also against the reference waveforms) and at the
-official shapes; the approximate streaming mode (``lookahead`` below the decoder's) against the
-offline decode, at both sizes. SNR is against the reference signal without its DC offset.
+official shapes; the approximate streaming modes (``lookahead`` below the decoder's: "commit" and
+"preview", see gpa.engine.streaming) against the offline decode, at both sizes, with their decoding
+cost. SNR is against the reference signal without its DC offset.
 
     python bench/vocoder.py [--seconds 4] [--rounds 3] [--threads N] [--fixtures DIR]
 """
@@ -121,14 +122,25 @@ def golden_bf16(fixtures: Path) -> dict:
 
 
 def approximate(codec: BiCodec, n: int, lookaheads: list[int], config: StreamConfig) -> dict:
-    """Error of streams emitted with less than the decoder's lookahead, codes pushed one at a time."""
+    """Error of streams emitted with less than the decoder's lookahead, codes pushed one at a time, in each
+    approximate mode that can give the lookahead ("commit" needs at least the decoder's min_lookahead), with
+    the stream's decoding seconds per second of audio beside the exact stream's."""
     semantic, glob = random_codes(codec, n, 1)
     offline = codec.decode(semantic, glob)[0].numpy()
-    exact = codec.incremental_decoder(glob).lookahead
-    out = {"exact_lookahead_frames": exact, "frames": n}
+    dec = codec.incremental_decoder(glob)
+    audio_s = n / codec.frame_rate
+    t = time.perf_counter()
+    stream(codec, semantic, glob, StreamConfig(first_chunk=config.first_chunk, chunk=config.chunk))
+    out = {"exact_lookahead_frames": dec.lookahead, "min_commit_lookahead_frames": dec.min_lookahead, "frames": n,
+           "exact_rtf": round((time.perf_counter() - t) / audio_s, 3)}
     for la in lookaheads:
-        out[f"lookahead_{la}"] = errors(stream(codec, semantic, glob, StreamConfig(
-            first_chunk=config.first_chunk, chunk=config.chunk, lookahead=la)), offline)
+        for mode in ("commit", "preview"):
+            if mode == "commit" and not dec.min_lookahead <= la < dec.lookahead:
+                continue
+            t = time.perf_counter()
+            y = stream(codec, semantic, glob, StreamConfig(first_chunk=config.first_chunk, chunk=config.chunk,
+                                                           lookahead=la, approximate=mode))
+            out[f"{mode}_{la}"] = {**errors(y, offline), "rtf": round((time.perf_counter() - t) / audio_s, 3)}
     return out
 
 
@@ -139,7 +151,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--fixtures", type=Path, default=Path(os.environ.get("GPA_FIXTURES", REPO.parent / "shared"
                                                                           / "fixtures")), help="fixture dir")
-    p.add_argument("--lookaheads", default="0,2,4,8,16,32", help="approximate-mode lookaheads to measure")
+    p.add_argument("--lookaheads", default="0,2,4,8,12,16,20,26,32",
+                   help="approximate-mode lookaheads to measure")
     p.add_argument("--skip", default="", help="comma list of parts to skip: speed,golden,approx")
     p.add_argument("--native", action="store_true",
                    help="load gpa's C++ kernels first: bf16 decoding then takes their fused Snake (gpa.native.snake)")

@@ -12,8 +12,8 @@ codes, exactly ``n * hop_length - lag`` samples are final.
 Most of that delay is in the cheap frame-rate layers before the wave generator (57 of BiCodec's 67
 frames of lookahead): :meth:`StreamDecoder.limit_context` commits those layers' outputs a given number
 of codes after their code, computed as if the codes ended there, and the upsampling layers after them
-decode every frame once, exactly. That is an approximation with a much shorter delay and almost no
-extra work (one pass of the frame-rate layers over their pending frames per push).
+decode every frame once, exactly. That is an approximation with a much shorter delay and little extra
+work (one pass of the frame-rate layers over their pending frames per commit).
 """
 
 from __future__ import annotations
@@ -362,8 +362,9 @@ class StreamDecoder:
         """Approximate decoding with a shorter delay: the frame-rate front commits its outputs ``frames`` codes
         after their code.
 
-        The ops before the first upsampling (the front) are where most of the lookahead is; from now on each
-        push hands the ops after it every front output up to ``frames`` codes before the newest code, those
+        The ops before the first that upsamples (the front: BiCodec's prenet, before its wave generator) hold
+        most of the lookahead; from now on each committing push hands the ops after them every front output up
+        to ``frames`` codes before the newest code, those
         not yet final computed as if the codes ended there (the offline decode's zero padding). The ops after
         the front then decode each frame once, exactly. :attr:`lookahead` becomes ``frames +``
         :attr:`min_lookahead`. Which frames are committed early depends on how the codes are split into
