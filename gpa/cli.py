@@ -465,6 +465,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"gpa serve needs the server extra: pip install 'gpa[server]' ({e})") from e
     from gpa.api import load
     from gpa.engine import EngineConfig, StreamConfig
+    from gpa.engine.streaming import check_lookahead
 
     model_dir = _model_dir(args.model)
     vllm = _vllm_options(args, str(model_dir))
@@ -483,6 +484,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                 lookahead=args.lookahead, approximate=args.approximate)),
         **{k: v for k, v in optional.items() if v is not None})
     model = load(model_dir, device=args.device, **speed_options(args))
+    try:
+        check_lookahead(model.bicodec, settings.engine.stream)
+    except ValueError as e:
+        raise CLIError(f"--lookahead: {e}") from None
     serve(create_app(model, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -72,3 +72,11 @@ def test_gpa_serve_without_model_is_a_usage_error(capsys, monkeypatch):
     monkeypatch.delenv("GPA_MODEL", raising=False)
     assert main(["serve", "--port", "1"]) == 2
     assert "no model given" in capsys.readouterr().err
+
+
+def test_gpa_serve_refuses_a_lookahead_the_codec_cannot_give(mini_dir, capsys):
+    from gpa.cli import main
+
+    assert main(["serve", "--model", str(mini_dir), "--device", "cpu", "--lookahead", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--lookahead: lookahead 3 is below what approximate='commit' allows" in err and "10 to 37" in err

@@ -56,7 +56,8 @@ class EngineConfig:
     # Voices whose prompt block (<start_global> G <end_global>) keeps its keys and values in the torch backend, so a
     # request in a recent voice prefills only its text or source codes (0.3B: 87 -> 53 prompt tokens for a short
     # sentence). The rest of the prompt attends to the stored keys and values as to its own: logits agree with a
-    # full prefill to float rounding (tests/test_lm.py; 1e-4 of the logits' scale with bfloat16 activations). 0: off.
+    # full prefill to float rounding (tests/test_lm.py: 1e-4 in float32; bfloat16's rounding with bf16 activations).
+    # 0: off.
     prefix_cache: int = 0
 
     def resolved_inline_vocoder(self) -> bool:
@@ -287,9 +288,7 @@ class Engine:
         # incremental decoder knows its own exact lookahead from its layers.
         if self._field is None and stream.left is not None and stream.lookahead is None:
             self._field = receptive_field(self.model.bicodec)  # measured once, before any request
-        if stream.left is None:  # a lookahead the codec cannot give is refused here, not per request
-            check_lookahead(self.model.bicodec.incremental_decoder(
-                torch.zeros(1, self.model.bicodec.num_global_tokens, dtype=torch.long)), stream)
+        check_lookahead(self.model.bicodec, stream)  # a lookahead the codec cannot give: refused here, not per request
 
     def shutdown(self) -> None:
         """Stop the backend; requests still running end with an EngineError."""
