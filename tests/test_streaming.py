@@ -204,9 +204,9 @@ def test_context_limited_decoder_commits_each_frame_as_if_the_codes_ended_there(
     out.append(dec.finish())
     streamed = torch.cat(out, dim=1)
     prefix = [semantic[:, : min(n, f + context + 1)] for f in range(n)]
-    committed = torch.cat([front_outputs(codec, prefix[f], glob, dec._split)[..., f : f + 1] for f in range(n)],
+    committed = torch.cat([front_outputs(codec, prefix[f], glob, dec._front_ops())[..., f : f + 1] for f in range(n)],
                           dim=-1)
-    back = Chain(codec.incremental_decoder(glob).ops.ops[dec._split :])
+    back = Chain(codec.incremental_decoder(glob).ops.ops[dec._front_ops() :])
     with torch.inference_mode():
         expected = torch.cat([back.step(committed), back.flush()], dim=-1)[:, 0]
     assert streamed.shape == expected.shape == (1, n * codec.hop_length)

@@ -329,7 +329,6 @@ class StreamDecoder:
         self.samples = 0  # samples returned
         self.finished = False
         self.context: int | None = None  # limit_context(): codes of right context the front's outputs wait for
-        self._split = 0  # with a context limit: ops.ops[:_split] run at the frame rate (the front), the rest after
         self._front_out = 0  # frames the front has made final (exactly)
         self._committed = 0  # frames handed on to the ops after the front
 
@@ -351,7 +350,7 @@ class StreamDecoder:
     @property
     def min_lookahead(self) -> int:
         """The lookahead of the ops after the frame-rate front: the least :meth:`limit_context` can give."""
-        return math.ceil(Chain(self.ops.ops[self._front_ops() :]).lag / self.codec.hop_length)
+        return math.ceil(self._back().lag / self.codec.hop_length)
 
     def _front_ops(self) -> int:
         """How many of the decoder's top-level ops run at the frame rate before the first that upsamples."""
@@ -376,18 +375,19 @@ class StreamDecoder:
         """
         if self.frames or self.context is not None:
             raise RuntimeError("limit_context() must come before the first push, once")
-        split = self._front_ops()
-        front_lag = Chain(self.ops.ops[:split]).lag
+        front_lag = self._front().lag
         if not 0 <= frames < front_lag:
             raise ValueError(f"context must be in [0, {front_lag}) frames (the frame-rate front's lookahead), "
                              f"got {frames}")
-        self._split, self.context = split, frames
+        self.context = frames
 
     def _front(self) -> Chain:
-        return Chain(self.ops.ops[: self._split])
+        """The frame-rate ops before the first that upsamples (they share their state with :attr:`ops`)."""
+        return Chain(self.ops.ops[: self._front_ops()])
 
     def _back(self) -> Chain:
-        return Chain(self.ops.ops[self._split :])
+        """The ops from the first that upsamples on."""
+        return Chain(self.ops.ops[self._front_ops() :])
 
     def _step(self, x: torch.Tensor | None, commit: bool) -> Frames:
         """Run new input frames (if any) through the ops; with a context limit, commit the front's outputs."""
