@@ -34,7 +34,17 @@ from gpa.codecs.nano import (
 from gpa.engine import AudioChunk, Engine, EngineConfig, StreamConfig
 from gpa.generation import SlotDecoder
 from gpa.prompts import asr_prompt
-from gpa.train.nano_codec import DecoderTraining, Features, Utterance, extract, train_decoder
+from gpa.train.nano_codec import (
+    MEL_STEP,
+    DecoderTraining,
+    Features,
+    Utterance,
+    extract,
+    extract_compact,
+    heldout_l1,
+    mel_target,
+    train_decoder,
+)
 from gpa.weights import INT8_SCALE, CheckpointError, pack_int8, read_safetensors, unpack_int8
 
 CLIPS = {  # CC0 clips of one speaker (../shared/data/cathy) with their transcripts
@@ -494,3 +504,32 @@ def test_decoder_training_reports_speaker_code_diversity(nano_dir, cathy, tmp_pa
                                                       ref_min_frames=20, ref_max_frames=40))
     assert res["steps"] == 6 and math.isfinite(res["l1"])
     assert res["global_codes_distinct"] > 1  # a collapsed speaker path gives 1
+
+
+def test_compact_features_hold_the_codes_inference_makes_and_train_the_decoder(nano_dir, cathy, tmp_path):
+    codec = NanoCodec.from_dir(nano_dir / "nano-codec")
+    names = list(CLIPS)[:3]
+    utts = [Utterance(str(cathy / f"{name}.flac"), speaker) for name, speaker in zip(names, "aab", strict=True)]
+    extract_compact(codec, utts, tmp_path / "compact")
+    feats = Features([tmp_path / "compact"])
+    assert feats.semantic is None and feats.speakers == ["a", "b"]
+    for i, name in enumerate(names):  # what the decoder trains on is what inference encodes
+        wav = load_audio(cathy / f"{name}.flac")
+        lo, hi = int(feats.code_off[i]), int(feats.code_off[i + 1])
+        sem = codec.encode_semantic([wav])[0]
+        assert torch.equal(feats.codes[lo:hi], sem)
+        assert torch.equal(feats.global_codes[i], codec.encode_global([wav])[0])
+        mel = torch.from_numpy(mel_target(codec, wav, len(sem)).T)
+        r = codec.config.mel_per_token
+        assert (feats.mel[lo * r : hi * r] - mel).abs().max() <= MEL_STEP / 2 + 1e-5  # 8 bits, rounded
+    with pytest.raises(ValueError, match="freeze_speaker"):
+        train_decoder(codec, feats, DecoderTraining(max_steps=1, batch_size=2, segment=4))
+    extract(codec, utts[:1], tmp_path / "full")
+    with pytest.raises(ValueError, match="both kinds"):
+        Features([tmp_path / "compact", tmp_path / "full"])
+    res = train_decoder(codec, feats, DecoderTraining(max_steps=6, batch_size=2, segment=4, lr=3e-2,
+                                                      freeze_speaker=True, eval_every=2), heldout=feats)
+    assert [h["step"] for h in res["history"]] == [2, 4, 6]
+    best = min(h["heldout_l1"] for h in res["history"])
+    assert res["best_heldout_l1"] == best
+    assert heldout_l1(codec, feats) == pytest.approx(best, abs=1e-4)  # the best state is the one kept

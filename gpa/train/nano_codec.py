@@ -12,6 +12,11 @@ Steps (each resumable by its output file; ``gpa recipe nano`` runs them in order
 4. :func:`train_decoder`: token decoder + speaker encoder on L1 log-mel error, the speaker reference
    always another utterance of the same speaker (or the other half of the same recording), plus a
    speaker-classification loss on the condition vector so the global codes carry identity.
+
+For the decoder alone (speaker encoder frozen, codebooks fixed), :func:`extract_compact` stores just what
+it trains on: semantic codes, each utterance's global codes and the log-mel target in 8 bits (about 12 MB
+per hour of speech once compressed, against ~60 MB of float16 features), so a GPU machine reached by a
+small upload can train it (``DecoderTraining(device="cuda")``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soxr
@@ -120,19 +126,70 @@ def extract(codec: NanoCodec, utterances: Sequence[Utterance], out: Path, progre
     tmp.rename(out.with_suffix(".npz"))
 
 
+# 8-bit log-mel of :func:`extract_compact`: value = MEL_FLOOR + MEL_STEP * q, q in 0..255 (-11.51 .. 3.79;
+# the vocoder's log-mel floor is log(1e-5), speech peaks near 1). The rounding error (std 0.017) is ~3 %
+# of the decoder's L1 error.
+MEL_FLOOR = math.log(1e-5)
+MEL_STEP = 0.06
+
+
+def quantize_mel(mel: np.ndarray) -> np.ndarray:
+    """Log-mel -> uint8 steps of :data:`MEL_STEP` above :data:`MEL_FLOOR` (values outside clip)."""
+    return np.clip(np.round((mel - MEL_FLOOR) / MEL_STEP), 0, 255).astype(np.uint8)
+
+
+def extract_compact(codec: NanoCodec, utterances: Sequence[Utterance], out: Path, progress: bool = False) -> None:
+    """Decoder-training data of ``utterances`` -> ``out``.npz (+ .json index): per utterance its semantic
+    codes, its own global codes (the speaker encoder's, from the whole clip as at inference) and the
+    vocoder log-mel target in 8 bits (:func:`quantize_mel`). For a codec whose codebooks and speaker
+    encoder are final: :class:`Features` loads it, :func:`train_decoder` trains on it."""
+    codes, glob, mel, meta = [], [], [], []
+    for u in tqdm(utterances, disable=not progress, desc=f"compact features {out.name}", unit="utt"):
+        wav = load_audio(u.audio)
+        sem = codec.encode_semantic([wav])[0]
+        codes.append(sem.numpy().astype(np.int16))
+        glob.append(codec.encode_global([wav])[0].numpy().astype(np.int16))
+        mel.append(quantize_mel(mel_target(codec, wav, len(sem)).T))
+        meta.append({"audio": u.audio, "speaker": u.speaker, "codes": len(sem)})
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, codes=np.concatenate(codes), global_codes=np.stack(glob), mel=np.concatenate(mel),
+             mel_floor=np.float32(MEL_FLOOR), mel_step=np.float32(MEL_STEP))
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    tmp.rename(out.with_suffix(".npz"))
+
+
 class Features:
-    """Extracted parts, concatenated, with per-utterance offsets."""
+    """Extracted parts, concatenated, with per-utterance offsets.
+
+    From :func:`extract` files: Whisper features (``semantic``, ``asr``) and float log-mel; ``codes`` and
+    ``global_codes`` are None (the codebooks are fitted from the features). From :func:`extract_compact`
+    files: ``codes`` (N,) int64, ``global_codes`` (utterances, G) int64 and the log-mel; no features.
+    """
 
     def __init__(self, files: Sequence[Path]) -> None:
-        sem, asr, mel, self.meta = [], [], [], []
+        if not files:
+            raise ValueError("no feature files")
+        sem, asr, mel, codes, glob, self.meta = [], [], [], [], [], []
+        kinds = set()
         for f in files:
             d = np.load(f.with_suffix(".npz"))
-            sem.append(d["semantic"])
-            asr.append(d["asr"])
-            mel.append(d["mel"])
+            kinds.add("compact" if "codes" in d else "features")
+            if "codes" in d:
+                codes.append(d["codes"])
+                glob.append(d["global_codes"])
+                mel.append(d["mel_floor"] + d["mel_step"] * d["mel"].astype(np.float32))
+            else:
+                sem.append(d["semantic"])
+                asr.append(d["asr"])
+                mel.append(d["mel"])
             self.meta.extend(json.loads(f.with_suffix(".json").read_text()))
-        self.semantic = torch.from_numpy(np.concatenate(sem).astype(np.float32))
-        self.asr = torch.from_numpy(np.concatenate(asr).astype(np.float32))
+        if len(kinds) > 1:
+            raise ValueError("feature files of both kinds (extract and extract_compact): use one kind")
+        compact = kinds == {"compact"}
+        self.semantic = None if compact else torch.from_numpy(np.concatenate(sem).astype(np.float32))
+        self.asr = None if compact else torch.from_numpy(np.concatenate(asr).astype(np.float32))
+        self.codes = torch.from_numpy(np.concatenate(codes).astype(np.int64)) if compact else None
+        self.global_codes = torch.from_numpy(np.concatenate(glob).astype(np.int64)) if compact else None
         self.mel = torch.from_numpy(np.ascontiguousarray(np.concatenate(mel), dtype=np.float32))  # (frames, n_mels)
         self.code_off = np.concatenate([[0], np.cumsum([m["codes"] for m in self.meta])])
         self.speakers = sorted({m["speaker"] for m in self.meta})
@@ -172,6 +229,8 @@ def fit_kmeans(x: torch.Tensor, k: int, iters: int = 20, max_rows: int = 150_000
 
 def set_kmeans(codec: NanoCodec, feats: Features, iters: int = 20) -> dict[str, float]:
     """Fit both codebooks into ``codec``; returns the share of codes used on the data."""
+    if feats.semantic is None or feats.asr is None:
+        raise ValueError("k-means needs Whisper features (extract), not codes (extract_compact)")
     out = {}
     for name, x, km in (("semantic", feats.semantic, codec.semantic_kmeans), ("asr", feats.asr, codec.asr_kmeans)):
         t0 = time.time()
@@ -211,13 +270,16 @@ class DecoderTraining:
     ref_min_frames: int = 130  # reference log-mel length, drawn per batch (1.5 .. 4 s)
     ref_max_frames: int = 344
     lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
     speaker_loss: float = 0.1  # weight of the speaker-classification loss on the condition vector
-    threads: int = 1
+    threads: int = 1  # torch CPU threads
     seed: int = 0
     freeze_speaker: bool = False  # keep the speaker encoder as it is (its codes are already in use)
     init_table: bool = True  # start the decoder's mel table from the data (False: continue a trained decoder)
-
-
+    device: str = "cpu"  # "cuda": the features stay in host memory, batches go to the device
+    bf16: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
+    eval_every: int = 500  # steps between held-out evaluations (when held-out features are given)
 def _reference(feats: Features, i: int, seg_start: int, seg_len: int, n: int, r: int,
                rng: np.random.Generator) -> torch.Tensor:
     """A log-mel stretch (n_mels, n) of utterance i's speaker that never overlaps the target segment:
@@ -238,17 +300,63 @@ def _reference(feats: Features, i: int, seg_start: int, seg_len: int, n: int, r:
     return seg[s : s + n].T
 
 
-def train_decoder(codec: NanoCodec, feats: Features, settings: DecoderTraining, progress: bool = False
-                  ) -> dict[str, float]:
-    """Train ``codec.decoder`` (and ``codec.speaker`` unless frozen) in place; returns final losses."""
-    torch.set_num_threads(settings.threads)
+def _pick_other(feats: Features, i: int, rng: np.random.Generator | None) -> int:
+    """Another utterance of utterance i's speaker (random, or the next one in order without ``rng``);
+    i itself when the speaker has one."""
+    same = feats.by_speaker[feats.meta[i]["speaker"]]
+    if len(same) == 1:
+        return i
+    if rng is None:
+        return same[(same.index(i) + 1) % len(same)]
+    j = int(rng.choice(len(same) - 1))
+    return same[j + (same[j] >= i)]  # same is sorted: skip i
+
+
+@torch.no_grad()
+def heldout_l1(codec: NanoCodec, feats: Features, device: str | torch.device = "cpu", bf16: bool = False) -> float:
+    """Mean per-utterance L1 log-mel error of ``codec.decoder`` on compact features, each utterance decoded
+    whole with the global codes of the next utterance of its speaker (a reference it is not)."""
+    if feats.codes is None or feats.global_codes is None:
+        raise ValueError("held-out evaluation needs compact features (extract_compact)")
+    r = codec.config.mel_per_token
+    was_training = codec.decoder.training
+    codec.decoder.eval()
+    errs = []
+    for i in range(len(feats.meta)):
+        lo, hi = int(feats.code_off[i]), int(feats.code_off[i + 1])
+        g = feats.global_codes[_pick_other(feats, i, None)][None].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and torch.device(device).type == "cuda"):
+            cond = codec.speaker.condition_from_codes(g)
+            pred = codec.decoder(feats.codes[lo:hi][None].to(device), cond).float()
+        errs.append((pred[0].T - feats.mel[lo * r : hi * r].to(device)).abs().mean().item())
+    codec.decoder.train(was_training)
+    return float(np.mean(errs))
+
+
+def train_decoder(codec: NanoCodec, feats: Features, settings: DecoderTraining, progress: bool = False,
+                  heldout: Features | None = None) -> dict[str, Any]:
+    """Train ``codec.decoder`` (and ``codec.speaker`` unless frozen) in place; returns final losses.
+
+    With compact features (:func:`extract_compact`) the speaker encoder must be frozen: each example's
+    condition comes from the stored global codes of another utterance of its speaker, as at inference.
+    With ``heldout`` (compact), the decoder is evaluated every ``eval_every`` steps and the best state
+    is the one kept (``history`` and ``best_heldout_l1`` in the result).
+    """
+    if settings.device == "cpu":
+        torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
+    device = torch.device(settings.device)
+    autocast = settings.bf16 and device.type == "cuda"
     c = codec.config
-    codes = codec.semantic_kmeans(feats.semantic)
+    compact = feats.codes is not None
+    if compact and not settings.freeze_speaker:
+        raise ValueError("compact features hold fixed global codes: train with freeze_speaker=True")
+    codes = feats.codes if compact else codec.semantic_kmeans(feats.semantic)
     if settings.init_table:
         with torch.no_grad():
             codec.decoder.mel_table.weight.copy_(mel_table(codec, feats, codes))
+    codec.to(device)
     codec.train().requires_grad_(False)
     codec.decoder.requires_grad_(True)
     modules: list[nn.Module] = [codec.decoder]
@@ -256,34 +364,56 @@ def train_decoder(codec: NanoCodec, feats: Features, settings: DecoderTraining, 
         codec.speaker.requires_grad_(True)
         modules.append(codec.speaker)
     speaker_index = {s: k for k, s in enumerate(feats.speakers)}
-    classifier = nn.Linear(c.speaker_vector, len(feats.speakers))
+    classifier = nn.Linear(c.speaker_vector, len(feats.speakers)).to(device)
     params = [p for m in modules for p in m.parameters()] + list(classifier.parameters())
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     r = c.mel_per_token
-    long_enough = [i for i, m in enumerate(feats.meta) if m["codes"] > settings.segment]
+    long_enough = np.array([i for i, m in enumerate(feats.meta) if m["codes"] > settings.segment])
+    lengths = np.array([m["codes"] for m in feats.meta])
+    seg_codes = torch.arange(settings.segment)
+    seg_frames = torch.arange(settings.segment * r)
     t0, step, budget = time.time(), 0, settings.minutes * 60
     ema: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+
+    def evaluate() -> None:
+        nonlocal best
+        l1 = heldout_l1(codec, heldout, device, autocast)  # type: ignore[arg-type]
+        history.append({"step": step, "seconds": round(time.time() - t0, 1), "heldout_l1": round(l1, 4),
+                        "train_l1": round(ema.get("l1", float("nan")), 4)})
+        logger.info("decoder step %d: held-out l1 %.4f (train %.4f)", step, l1, ema.get("l1", float("nan")))
+        if best is None or l1 < best[0]:
+            best = (l1, {k: v.detach().clone() for k, v in codec.decoder.state_dict().items()})
+
     bar = tqdm(total=settings.max_steps, disable=not progress, desc="decoder", unit="step")
     while time.time() - t0 < budget and step < settings.max_steps:
         frac = max((time.time() - t0) / budget, step / settings.max_steps)
         for g in opt.param_groups:  # warm-up, then cosine to 10 % by the end of the budget
-            g["lr"] = settings.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        ref_len = int(rng.integers(settings.ref_min_frames, settings.ref_max_frames + 1))
-        batch_codes, batch_mel, refs, labels = [], [], [], []
-        for i in rng.choice(long_enough, settings.batch_size):
-            rel = int(rng.integers(0, feats.meta[i]["codes"] - settings.segment + 1))
-            s = rel + int(feats.code_off[i])
-            batch_codes.append(codes[s : s + settings.segment])
-            batch_mel.append(feats.mel[s * r : (s + settings.segment) * r].T)
-            refs.append(_reference(feats, int(i), rel, settings.segment, ref_len, r, rng))
-            labels.append(speaker_index[feats.meta[i]["speaker"]])
-        with torch.set_grad_enabled(not settings.freeze_speaker):
-            values, global_codes = codec.speaker.quantized(torch.stack(refs))
-        cond = codec.speaker.condition(values)
-        pred = codec.decoder(torch.stack(batch_codes), cond)
-        l1 = (pred - torch.stack(batch_mel)).abs().mean()
-        spk = F.cross_entropy(classifier(cond), torch.tensor(labels))
-        loss = l1 + settings.speaker_loss * spk
+            g["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup_steps) * (
+                0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        items = rng.choice(long_enough, settings.batch_size)
+        rel = (rng.random(len(items)) * (lengths[items] - settings.segment + 1)).astype(np.int64)
+        starts = torch.from_numpy(feats.code_off[items] + rel)  # absolute code index of each segment
+        batch_codes = codes[starts[:, None] + seg_codes].to(device)  # (B, segment)
+        batch_mel = feats.mel[starts[:, None] * r + seg_frames].transpose(1, 2).to(device)  # (B, n_mels, r segment)
+        labels = torch.tensor([speaker_index[feats.meta[i]["speaker"]] for i in items], device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            if compact:
+                others = [_pick_other(feats, int(i), rng) for i in items]
+                global_codes = feats.global_codes[others].to(device)  # type: ignore[index]
+                cond = codec.speaker.condition_from_codes(global_codes)
+            else:
+                ref_len = int(rng.integers(settings.ref_min_frames, settings.ref_max_frames + 1))
+                refs = [_reference(feats, int(i), int(o), settings.segment, ref_len, r, rng)
+                        for i, o in zip(items, rel, strict=True)]
+                with torch.set_grad_enabled(not settings.freeze_speaker):
+                    values, global_codes = codec.speaker.quantized(torch.stack(refs).to(device))
+                cond = codec.speaker.condition(values)
+            pred = codec.decoder(batch_codes, cond)
+            l1 = (pred.float() - batch_mel).abs().mean()
+            spk = F.cross_entropy(classifier(cond).float(), labels)
+            loss = l1 + settings.speaker_loss * spk
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -297,6 +427,16 @@ def train_decoder(codec: NanoCodec, feats: Features, settings: DecoderTraining, 
         if step % 100 == 0:
             logger.info("decoder step %d: l1 %.4f, speaker ce %.3f, distinct global codes %.0f, %.2f steps/s",
                         step, ema["l1"], ema["speaker_ce"], ema["global_codes_distinct"], step / (time.time() - t0))
+        if heldout is not None and step % settings.eval_every == 0:
+            evaluate()
     bar.close()
-    codec.eval().requires_grad_(False)
-    return {"steps": step, "seconds": round(time.time() - t0), **{k: round(v, 4) for k, v in ema.items()}}
+    result: dict[str, Any] = {"steps": step, "seconds": round(time.time() - t0),
+                              **{k: round(v, 4) for k, v in ema.items()}}
+    if heldout is not None:
+        if not history or history[-1]["step"] != step:
+            evaluate()
+        assert best is not None
+        codec.decoder.load_state_dict(best[1])
+        result.update(best_heldout_l1=round(best[0], 4), history=history)
+    codec.to("cpu").eval().requires_grad_(False)
+    return result
