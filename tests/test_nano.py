@@ -527,7 +527,7 @@ def test_compact_features_hold_the_codes_inference_makes_and_train_the_decoder(n
     extract(codec, utts[:1], tmp_path / "full")
     with pytest.raises(ValueError, match="both kinds"):
         Features([tmp_path / "compact", tmp_path / "full"])
-    res = train_decoder(codec, feats, DecoderTraining(max_steps=6, batch_size=2, segment=4, lr=3e-2,
+    res = train_decoder(codec, feats, DecoderTraining(max_steps=6, batch_size=2, segment=4, lr=3e-2, code_noise=0.1,
                                                       freeze_speaker=True, eval_every=2), heldout=feats)
     assert [h["step"] for h in res["history"]] == [2, 4, 6]
     best = min(h["heldout_l1"] for h in res["history"])

@@ -280,6 +280,7 @@ class DecoderTraining:
     device: str = "cpu"  # "cuda": the features stay in host memory, batches go to the device
     bf16: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
     eval_every: int = 500  # steps between held-out evaluations (when held-out features are given)
+    code_noise: float = 0.0  # share of input codes replaced by random ones (as an LLM's wrong predictions)
 def _reference(feats: Features, i: int, seg_start: int, seg_len: int, n: int, r: int,
                rng: np.random.Generator) -> torch.Tensor:
     """A log-mel stretch (n_mels, n) of utterance i's speaker that never overlaps the target segment:
@@ -395,7 +396,11 @@ def train_decoder(codec: NanoCodec, feats: Features, settings: DecoderTraining, 
         items = rng.choice(long_enough, settings.batch_size)
         rel = (rng.random(len(items)) * (lengths[items] - settings.segment + 1)).astype(np.int64)
         starts = torch.from_numpy(feats.code_off[items] + rel)  # absolute code index of each segment
-        batch_codes = codes[starts[:, None] + seg_codes].to(device)  # (B, segment)
+        batch_codes = codes[starts[:, None] + seg_codes]  # (B, segment)
+        if settings.code_noise > 0:
+            noisy = torch.rand(batch_codes.shape) < settings.code_noise
+            batch_codes = torch.where(noisy, torch.randint_like(batch_codes, c.semantic_codebook_size), batch_codes)
+        batch_codes = batch_codes.to(device)
         batch_mel = feats.mel[starts[:, None] * r + seg_frames].transpose(1, 2).to(device)  # (B, n_mels, r segment)
         labels = torch.tensor([speaker_index[feats.meta[i]["speaker"]] for i in items], device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
