@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from gpa.train.nano_recipe import BUNDLE_VOICES, DEFAULT_VOICE, NanoRecipe, codec_utterances, pick_voices
+from gpa.train.nano_recipe import (
+    BUNDLE_VOICES,
+    DEFAULT_VOICE,
+    NanoRecipe,
+    codec_utterances,
+    decoder_utterances,
+    pick_voices,
+)
 from gpa.voices import builtin_voices, default_voice
 
 
@@ -64,3 +71,21 @@ def test_extra_corpora_continue_the_sentence_choice_without_overlap():
 def test_more_extra_corpus_folders_than_extra_corpora_is_an_error():
     with pytest.raises(ValueError, match="3 extra corpus folders for 2 extra corpora"):
         replace(NanoRecipe(), extra_corpus_dirs=("a", "b", "c"))  # refused before any step runs
+
+
+def test_decoder_utterances_cap_the_train_subset_and_hold_out_other_sentences(tmp_path, fixtures):
+    corpus = small_corpus(tmp_path, fixtures)
+    rows = [json.loads(line) for line in (corpus / "utterances.jsonl").read_text().splitlines()]
+    held = [{**r, "text": f"held out {i}"} for i, r in enumerate(rows[:12])]
+    (corpus / "heldout_text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held[:10]))
+    (corpus / "cathy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held[10:]))
+    recipe = replace(NanoRecipe(), decoder_utterances_per_voice=3, decoder_real_utterances=4, decoder_heldout=6)
+    data = fixtures.parent / "data"
+    train, heldout = decoder_utterances(corpus, recipe, data)
+    by: dict[str, int] = {}
+    for u in train:
+        by[u.speaker] = by.get(u.speaker, 0) + 1
+    assert by["cathy"] == 4 and all(n == 3 for s, n in by.items() if not s.startswith(("cathy", "libri-")))
+    assert sum(s.startswith("libri-") for s in by) > 100  # every LibriSpeech excerpt
+    assert len(heldout) == 6 and {u.audio for u in heldout[-1:]} == {str(corpus / held[10]["audio"])}
+    assert (train, heldout) == decoder_utterances(corpus, recipe, data)  # seeded

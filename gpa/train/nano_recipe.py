@@ -10,7 +10,8 @@ interrupted run resumes where it stopped (the LLM run resumes from its newest ch
     OUT/codec/features-*   encoder features on both code grids + vocoder log-mel targets
     OUT/codec/kmeans       semantic and ASR codebooks
     OUT/codec/speaker      token decoder + speaker encoder, jointly trained
-    OUT/codec/final        the decoder trained further with the speaker encoder frozen
+    OUT/codec/compact-*    codes, global codes and 8-bit log-mel under that codec (train subset + held-out)
+    OUT/codec/final        a larger token decoder trained on those, the speaker encoder frozen (GPU: minutes)
     OUT/seed               tokenizer + LLM config at initial weights + the codec (for gpa prepare)
     OUT/data               gpa prepare of both corpora's train_gpa.jsonl
     OUT/run                gpa train from scratch (on a GPU when there is one: minutes; days on 2 CPU cores)
@@ -26,7 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from gpa.train.nano_codec import (
     Features,
     Utterance,
     extract,
+    extract_compact,
     pretrained_codec,
     set_kmeans,
     train_decoder,
@@ -49,6 +51,7 @@ from gpa.train.nano_codec import (
 from gpa.train.prepare import prepare
 from gpa.train.seed import seed_checkpoint
 from gpa.train.tokenizer import build_tokenizer
+from gpa.weights import load_strict
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,16 @@ class NanoRecipe:
     codec_utterances_per_voice: int = 400  # synthetic utterances per seen voice for codec training (+ all real)
     workers: int = 2  # processes for feature extraction and gpa prepare
     speaker_minutes: float = 18.0  # joint decoder + speaker encoder training (2 threads: 1,356 steps for the bundle)
-    decoder_minutes: float = 45.0  # decoder alone, speaker encoder frozen (2 threads: 8,429 steps for the bundle)
+    # The final token decoder: a new, larger one, trained from the speaker stage's codes (encoder frozen) on
+    # a subset of the codec utterances, with input-code noise, keeping its best state on held-out sentences.
+    decoder: dict[str, int] = field(default_factory=lambda: dict(decoder_dim=320, token_blocks=4, mel_blocks=6))
+    decoder_training: DecoderTraining = field(default_factory=lambda: DecoderTraining(
+        minutes=4.0, batch_size=64, segment=64, lr=1.5e-3, warmup_steps=300, code_noise=0.2, eval_every=500,
+        freeze_speaker=True))
+    decoder_minutes_cpu: float = 300.0  # its budget where no GPU is found (2 cores: ~0.25 steps/s)
+    decoder_utterances_per_voice: int = 300  # synthetic utterances per seen voice (the bundle's upload limit)
+    decoder_real_utterances: int = 600  # of cathy's train recordings (+ every LibriSpeech excerpt)
+    decoder_heldout: int = 240  # held-out-sentence utterances for choosing the best state (200 synthetic + 40 cathy)
     text_vocab: int = 1024  # byte-level BPE ids (including the 256 bytes)
     model: str = "medium"  # LLM preset (gpa.train.config.MODEL_PRESETS) or ModelConfig JSON
     train: dict[str, Any] = field(default_factory=lambda: dict(  # gpa.train.config.TrainConfig fields
@@ -159,6 +171,60 @@ def _extract_part(args: tuple[str, list[Utterance], str]) -> None:
     extract(NanoCodec.from_dir(codec_dir), utts, Path(out))
 
 
+def _extract_compact_part(args: tuple[str, list[Utterance], str]) -> None:
+    torch.set_num_threads(1)
+    codec_dir, utts, out = args
+    extract_compact(NanoCodec.from_dir(codec_dir), utts, Path(out))
+
+
+def decoder_utterances(corpus: Path, recipe: NanoRecipe, data_dir: Path | None = None
+                       ) -> tuple[list[Utterance], list[Utterance]]:
+    """The final decoder's (train, held-out) utterances: a seeded subset of :func:`codec_utterances` (at most
+    ``decoder_utterances_per_voice`` per synthetic voice, ``decoder_real_utterances`` of cathy, every
+    LibriSpeech excerpt), and held-out-sentence clips of the seen voices plus cathy's held-out prompts."""
+    rng = random.Random(recipe.seed)
+    train: list[Utterance] = []
+    by: dict[str, list[Utterance]] = {}
+    for u in codec_utterances(corpus, recipe.codec_utterances_per_voice, recipe.seed, data_dir):
+        by.setdefault(u.speaker, []).append(u)
+    for speaker, items in sorted(by.items()):
+        cap = recipe.decoder_real_utterances if speaker == "cathy" else recipe.decoder_utterances_per_voice
+        train += items if speaker.startswith("libri-") else rng.sample(items, min(cap, len(items)))
+    rows = lambda name: [json.loads(line) for line in (corpus / name).read_text().splitlines() if line]  # noqa: E731
+    text, cathy = rows("heldout_text.jsonl"), rows("cathy_test.jsonl")
+    n_cathy = recipe.decoder_heldout // 6
+    held = rng.sample(text, min(recipe.decoder_heldout - n_cathy, len(text))) + cathy[:n_cathy]
+    return train, [Utterance(str(corpus / r["audio"]), r["speaker"]) for r in held]
+
+
+def train_final_decoder(corpus: Path, codec_dir: Path, recipe: NanoRecipe, step: Callable[[str], None],
+                        progress: bool) -> None:
+    """``OUT/codec/final``: the speaker stage's codec with a new token decoder of shape ``recipe.decoder``,
+    trained on compact features (on the GPU when there is one)."""
+    train_utts, held_utts = decoder_utterances(corpus, recipe)
+    parts = [codec_dir / f"compact-{i}" for i in range(recipe.workers)]
+    held = codec_dir / "compact-heldout"
+    if not all(p.with_suffix(".npz").is_file() for p in [*parts, held]):
+        step(f"compact features of {len(train_utts)} + {len(held_utts)} held-out utterances")
+        src = str(codec_dir / "speaker")
+        jobs = [(src, train_utts[i :: recipe.workers], str(p)) for i, p in enumerate(parts)]
+        jobs.append((src, held_utts, str(held)))
+        with mp.get_context("spawn").Pool(recipe.workers) as pool:
+            pool.map(_extract_compact_part, jobs)
+    cuda = torch.cuda.is_available()
+    settings = replace(recipe.decoder_training, device="cuda" if cuda else "cpu", threads=recipe.workers,
+                       minutes=recipe.decoder_training.minutes if cuda else recipe.decoder_minutes_cpu,
+                       seed=recipe.seed + 1)
+    step(f"codec training: final decoder {recipe.decoder} ({settings.minutes:.0f} min on {settings.device})")
+    old = NanoCodec.from_dir(codec_dir / "speaker")
+    codec = NanoCodec(replace(old.config, context=0, **recipe.decoder))
+    load_strict(codec, {**{k: v for k, v in old.state_dict().items() if not k.startswith("decoder.")},
+                        **{f"decoder.{k}": v for k, v in codec.decoder.state_dict().items()}}, "final decoder")
+    res = train_decoder(codec, Features(parts), settings, progress=progress, heldout=Features([held]))
+    codec.save(codec_dir / "final", int8=False)
+    _mark(codec_dir / "final", res)
+
+
 def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: bool = True,
                report: Callable[[str], None] = logger.info) -> Path:
     """Run (or resume) every step; returns the bundle directory ``OUT/gpa-nano``."""
@@ -204,17 +270,16 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
         used = set_kmeans(codec, feats)
         codec.save(codec_dir / "kmeans", int8=False)
         _mark(codec_dir / "kmeans", used)
-    for name, src, minutes, frozen in (("speaker", "kmeans", recipe.speaker_minutes, False),
-                                       ("final", "speaker", recipe.decoder_minutes, True)):
-        if not _done(codec_dir / name):
-            step(f"codec training: {name} ({minutes:.0f} min)")
-            feats = feats or Features(parts)
-            codec = NanoCodec.from_dir(codec_dir / src)
-            res = train_decoder(codec, feats, DecoderTraining(minutes=minutes, threads=recipe.workers,
-                                                              freeze_speaker=frozen, init_table=not frozen,
-                                                              seed=recipe.seed + frozen), progress=progress)
-            codec.save(codec_dir / name, int8=False)
-            _mark(codec_dir / name, res)
+    if not _done(codec_dir / "speaker"):
+        step(f"codec training: speaker ({recipe.speaker_minutes:.0f} min)")
+        feats = feats or Features(parts)
+        codec = NanoCodec.from_dir(codec_dir / "kmeans")
+        res = train_decoder(codec, feats, DecoderTraining(minutes=recipe.speaker_minutes, threads=recipe.workers,
+                                                          seed=recipe.seed), progress=progress)
+        codec.save(codec_dir / "speaker", int8=False)
+        _mark(codec_dir / "speaker", res)
+    if not _done(codec_dir / "final"):
+        train_final_decoder(corpus, codec_dir, recipe, step, progress)
     seed_dir = out / "seed"
     if not seed_dir.is_dir():
         step("tokenizer and seed checkpoint")
