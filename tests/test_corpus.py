@@ -75,13 +75,23 @@ def test_clean_rules() -> None:
 
 
 def test_offline_sources_yield_sentences() -> None:
-    for name in ("wordnet", "fortunes"):
-        if not (text.WORDNET_DIR if name == "wordnet" else text.FORTUNES_DIR).is_dir():
+    for name in ("wordnet", "fortunes", "wordnet_glosses"):
+        if not (text.WORDNET_DIR if name.startswith("wordnet") else text.FORTUNES_DIR).is_dir():
             pytest.skip(f"Debian {'wordnet-base' if name == 'wordnet' else 'fortunes'} not installed")
         sentences = list(text.pool(text.read_source(name, None), name, set()))
         share = sum(s.heldout for s in sentences) / len(sentences)
         assert len(sentences) > 1000 and 0.08 < share < 0.12, (name, len(sentences), share)
         assert all(text.clean(s.text) == s.text for s in sentences[:500])
+
+
+def test_wordnet_glosses_are_the_definitions_not_the_examples(tmp_path) -> None:
+    (tmp_path / "data.noun").write_text(
+        "  1 This software and database is being provided to you, the LICENSEE, by Princeton University\n"
+        "02121620 05 n 02 mouser 0 cat 0 001 @ 02121808 n 0000 | a cat proficient at mousing; "
+        "an animal that hunts mice; \"our mouser caught three mice today\"\n")
+    assert text.wordnet_glosses(tmp_path) == ["a cat proficient at mousing", "an animal that hunts mice"]
+    assert text.wordnet_examples(tmp_path) == ["our mouser caught three mice today"]
+    assert "wordnet_glosses" in text.SOURCES and "wordnet_glosses" not in text.DEFAULT_SOURCES  # opt-in
 
 
 def test_select_refuses_more_than_the_pools_hold() -> None:

@@ -50,7 +50,7 @@ class CorpusConfig:
     heldout_sentences: int | None = None  # held-out-bucket sentences (None: sentences // 10, at least 1)
     voices: tuple[str, ...] = ("default",)  # registry names, "default" or "all"; missing engines are skipped
     perturbations: tuple[str, ...] = ()  # e.g. ("p+300", "p-300t1.1"): each adds a pseudo-speaker per voice
-    sources: tuple[str, ...] = text.SOURCES  # sentence sources, earlier ones first in the round-robin
+    sources: tuple[str, ...] = text.DEFAULT_SOURCES  # sentence sources (text.SOURCES), earlier first in the round-robin
     seed: int = 0  # which sentences are chosen, and the pairing of task records
     workers: int = 2  # engine processes running at once
     data_dir: str | None = None  # real recordings (cathy/, librispeech-excerpts/); None: real.default_data_dir()

@@ -23,7 +23,10 @@ MIN_CHARS, MAX_CHARS = 20, 200  # cleaned sentence length bounds (inclusive)
 WORDNET_DIR = Path("/usr/share/wordnet")  # Debian wordnet-base
 FORTUNES_DIR = Path("/usr/share/games/fortunes")  # Debian fortunes
 FORTUNE_FILES = ("fortunes", "literature", "wisdom", "people", "science")  # the clean, non-offensive ones
-SOURCES = ("arctic", "fortunes", "wordnet")  # Harvard sentences ship in no Debian or PyPI package (not used)
+DEFAULT_SOURCES = ("arctic", "fortunes", "wordnet")  # Harvard sentences ship in no Debian or PyPI package (not used)
+# All known sources. wordnet_glosses: WordNet's definitions ("a small mat placed under a glass ..."), ~100k
+# usable phrases rich in rare words; not a default, so corpora built before it existed are chosen unchanged.
+SOURCES = (*DEFAULT_SOURCES, "wordnet_glosses")
 
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z ,.;:!?'\-]*[A-Za-z.!?]$")  # letters, spaces, plain punctuation
 _ACRONYM = re.compile(r"[A-Z]{2,}")  # spelled out differently by each engine and judge
@@ -96,6 +99,18 @@ def wordnet_examples(wordnet_dir: Path = WORDNET_DIR) -> list[str]:
     return out
 
 
+def wordnet_glosses(wordnet_dir: Path = WORDNET_DIR) -> list[str]:
+    """The definitions of WordNet's ``data.*`` synsets (the gloss before its quoted examples, split at ";"),
+    in file order."""
+    out: list[str] = []
+    for path in sorted(wordnet_dir.glob("data.*")):
+        for line in path.read_text(encoding="latin-1").splitlines():
+            if not line.startswith(" "):  # the licence header lines start with spaces
+                gloss = line.partition("|")[2].split('"')[0]
+                out.extend(d.strip() for d in gloss.split(";") if d.strip())
+    return out
+
+
 def fortunes(fortunes_dir: Path = FORTUNES_DIR, files: Iterable[str] = FORTUNE_FILES) -> list[str]:
     """The fortunes of ``files`` without their "-- author" attribution lines, one string per fortune."""
     out: list[str] = []
@@ -119,12 +134,15 @@ def read_source(name: str, cathy_dir: Path | None) -> list[str]:
             logger.warning("ARCTIC prompts not found (cathy transcripts at %s); source skipped", cathy_dir)
             return []
         return arctic_prompts(cathy_dir)
-    root = WORDNET_DIR if name == "wordnet" else FORTUNES_DIR
+    wordnet = name.startswith("wordnet")
+    root = WORDNET_DIR if wordnet else FORTUNES_DIR
     if not root.is_dir():
         logger.warning("%s not found at %s (Debian package %s); source skipped", name, root,
-                       "wordnet-base" if name == "wordnet" else "fortunes")
+                       "wordnet-base" if wordnet else "fortunes")
         return []
-    return wordnet_examples(root) if name == "wordnet" else fortunes(root)
+    if name == "wordnet_glosses":
+        return wordnet_glosses(root)
+    return wordnet_examples(root) if wordnet else fortunes(root)
 
 
 def pool(texts: Iterable[str], source: str, seen: set[str], min_chars: int = MIN_CHARS,
@@ -166,7 +184,7 @@ def select(pools: dict[str, list[Sentence]], n: int, seed: int) -> list[Sentence
     return out
 
 
-def load_sentences(n: int, seed: int, sources: Iterable[str] = SOURCES, cathy_dir: Path | None = None,
+def load_sentences(n: int, seed: int, sources: Iterable[str] = DEFAULT_SOURCES, cathy_dir: Path | None = None,
                    min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS) -> list[Sentence]:
     """``n`` cleaned, deduplicated sentences from ``sources`` (earlier sources win duplicates)."""
     seen: set[str] = set()
