@@ -1,7 +1,7 @@
 """GPA-nano streaming benchmark: offline decode vs windowed re-decoding vs the exact incremental decoder.
 
-Prints one JSON object. The codec has the real sizes (``NanoCodecConfig(decoder_dim=192)``, the default
-HiFi-GAN) with PyTorch's random init: the decode cost depends only on shapes. Codes are pushed
+Prints one JSON object. The codec has the bundled GPA-nano's sizes (its ``nano-codec/config.json``, read
+without its weights) with PyTorch's random init: the decode cost depends only on shapes. Codes are pushed
 ``--push`` at a time; every case runs once per round, rounds interleave the cases (after a warm-up
 round) and the medians are reported as real-time factors (decode seconds per audio second) and as
 ratios to the offline decode, so that load from other processes hits all cases alike. Each stream's
@@ -19,9 +19,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+from gpa.checkpoint import BUNDLED_MODEL
 from gpa.codecs.nano import NanoCodec, NanoCodecConfig, WindowedDecoder
 
 
@@ -46,7 +48,8 @@ def timed_rounds(cases: dict[str, Callable[[], torch.Tensor]], rounds: int) -> t
 
 def run(seconds: float, push: int, rounds: int) -> dict:
     torch.manual_seed(0)
-    codec = NanoCodec(NanoCodecConfig(decoder_dim=192)).eval().requires_grad_(False)
+    config = NanoCodecConfig.from_dict(json.loads((BUNDLED_MODEL / "nano-codec" / "config.json").read_text()))
+    codec = NanoCodec(replace(config, context=0)).eval().requires_grad_(False)
     n = round(seconds * codec.frame_rate)
     g = torch.Generator().manual_seed(0)
     semantic = torch.randint(0, codec.semantic_codebook_size, (1, n), generator=g)

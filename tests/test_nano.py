@@ -120,6 +120,8 @@ def test_int8_codec_decodes_close_to_the_float_codec(nano_config, tmp_path):
     int8 = sorted(k for k, v in stored.items() if v.dtype == torch.int8)
     assert any(k.startswith("decoder.") for k in int8), int8  # the comparison below exercises int8 weights
     assert not any(k.startswith(("semantic_kmeans.", "asr_kmeans.", "decoder.mel_table")) for k in int8)
+    assert stored["semantic_kmeans.centroids"].dtype == torch.float32  # code choice: full precision
+    assert stored["decoder.mel_table.weight"].dtype == torch.float16
     size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("float", "int8")}
     assert size["int8"] < size["float"]
     a, b = NanoCodec.from_dir(tmp_path / "float"), NanoCodec.from_dir(tmp_path / "int8")
