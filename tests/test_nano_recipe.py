@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+import torch
 
 from gpa.train.nano_recipe import (
     BUNDLE_VOICES,
@@ -16,6 +17,7 @@ from gpa.train.nano_recipe import (
     codec_utterances,
     decoder_utterances,
     pick_voices,
+    train_final_decoder,
 )
 from gpa.voices import builtin_voices, default_voice
 
@@ -89,3 +91,30 @@ def test_decoder_utterances_cap_the_train_subset_and_hold_out_other_sentences(tm
     assert sum(s.startswith("libri-") for s in by) > 100  # every LibriSpeech excerpt
     assert len(heldout) == 6 and {u.audio for u in heldout[-1:]} == {str(corpus / held[10]["audio"])}
     assert (train, heldout) == decoder_utterances(corpus, recipe, data)  # seeded
+
+
+def test_final_decoder_step_trains_a_new_decoder_on_compact_features_and_keeps_the_rest(tmp_path, fixtures,
+                                                                                        nano_config):
+    from gpa.codecs.nano import NanoCodec
+
+    corpus = small_corpus(tmp_path, fixtures)
+    rows = [json.loads(line) for line in (corpus / "utterances.jsonl").read_text().splitlines()]
+    (corpus / "heldout_text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[6:10]))
+    (corpus / "cathy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    codec_dir = tmp_path / "codec"
+    torch.manual_seed(0)
+    NanoCodec(nano_config).save(codec_dir / "speaker", int8=False)  # the speaker stage's output
+    d = NanoRecipe()
+    recipe = replace(d, workers=1, decoder=dict(decoder_dim=48, token_blocks=1, mel_blocks=2),
+                     decoder_training=replace(d.decoder_training, max_steps=3, eval_every=1, batch_size=2, segment=8),
+                     decoder_utterances_per_voice=1, decoder_real_utterances=2, decoder_heldout=6)
+    steps: list[str] = []
+    train_final_decoder(corpus, codec_dir, recipe, steps.append, progress=False)
+    # 5 synthetic voices x 1 + 2 of cathy; 4 held-out sentences (all there are) + 6 // 6 of cathy
+    assert any("compact features of 7 + 5 held-out utterances" in m for m in steps), steps
+    final, speaker = NanoCodec.from_dir(codec_dir / "final"), NanoCodec.from_dir(codec_dir / "speaker")
+    assert (final.config.decoder_dim, final.config.token_blocks, final.config.mel_blocks) == (48, 1, 2)
+    kept = {k: v for k, v in speaker.state_dict().items() if not k.startswith("decoder.")}
+    assert all(torch.equal(v, final.state_dict()[k]) for k, v in kept.items())  # codebooks, speaker, vocoder
+    done = json.loads((codec_dir / "final" / ".done").read_text())
+    assert done["steps"] == 3 and [h["step"] for h in done["history"]] == [1, 2, 3]
