@@ -281,6 +281,14 @@ class DecoderTraining:
     bf16: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
     eval_every: int = 500  # steps between held-out evaluations (when held-out features are given)
     code_noise: float = 0.0  # share of input codes replaced by random ones (as an LLM's wrong predictions)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.code_noise < 1:
+            raise ValueError(f"code_noise must be in [0, 1), got {self.code_noise}")
+        if self.batch_size < 1 or self.segment < 1 or self.warmup_steps < 1 or self.eval_every < 1:
+            raise ValueError("batch_size, segment, warmup_steps and eval_every must be >= 1")
+
+
 def _reference(feats: Features, i: int, seg_start: int, seg_len: int, n: int, r: int,
                rng: np.random.Generator) -> torch.Tensor:
     """A log-mel stretch (n_mels, n) of utterance i's speaker that never overlaps the target segment:
@@ -353,6 +361,8 @@ def train_decoder(codec: NanoCodec, feats: Features, settings: DecoderTraining, 
     compact = feats.codes is not None
     if compact and not settings.freeze_speaker:
         raise ValueError("compact features hold fixed global codes: train with freeze_speaker=True")
+    if heldout is not None and heldout.codes is None:
+        raise ValueError("held-out evaluation needs compact features (extract_compact)")
     codes = feats.codes if compact else codec.semantic_kmeans(feats.semantic)
     if settings.init_table:
         with torch.no_grad():
