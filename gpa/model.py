@@ -104,6 +104,11 @@ class CacheView:
     ops: ModuleType | None = None  # gpa.native's kernels when the model decodes through them (prefill attention)
 
 
+def _causal(t: int, s: int, device: torch.device) -> Tensor:
+    """(1, 1, T, S) bool: query i (the last T of S positions) may see keys 0 .. S - T + i."""
+    return torch.ones(1, 1, t, s, dtype=torch.bool, device=device).tril(s - t)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | bool) -> Tensor:
     """Grouped-query attention of q (B, H, T, D) over k, v (B, KV, S, D) -> (B, H, T, D).
 
@@ -116,13 +121,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | bool) -> Tensor:
     KV, S = k.shape[1], k.shape[2]
     if q.dtype == torch.float32 or q.device.type != "cpu":
         if mask is True and S != T:  # the queries are the last T of S positions (torch aligns is_causal top-left)
-            mask = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            mask = _causal(T, S, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if isinstance(mask, bool) else mask,
                                               is_causal=mask is True, enable_gqa=k.shape[1] != q.shape[1])
     qg = q.view(B, KV, H // KV, T, D)  # heads sharing a K/V head sit together
     scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).float() * D**-0.5  # (B, KV, G, T, S)
     if mask is True:
-        mask = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        mask = _causal(T, S, q.device)
     if not isinstance(mask, bool):
         scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, T, S), float("-inf"))
     y = torch.matmul(scores.softmax(-1).to(q.dtype), v[:, :, None])  # (B, KV, G, T, D)

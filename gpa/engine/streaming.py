@@ -80,15 +80,14 @@ def receptive_field(codec: BiCodec, bound: int = 128) -> int:
 
 def check_lookahead(codec: BiCodec, config: StreamConfig) -> None:
     """Raise ValueError if ``config.lookahead`` cannot be had with ``config.approximate`` on ``codec``."""
-    if config.left is None and config.lookahead is not None:
-        _check_lookahead(codec.incremental_decoder(torch.zeros(1, codec.num_global_tokens, dtype=torch.long)),
-                         config)
+    if config.left is None and config.lookahead is not None and config.approximate == "commit":
+        _check_commit_lookahead(
+            codec.incremental_decoder(torch.zeros(1, codec.num_global_tokens, dtype=torch.long)), config.lookahead)
 
 
-def _check_lookahead(decoder: StreamDecoder, config: StreamConfig) -> None:
-    ahead = config.lookahead
-    if config.left is None and ahead is not None and config.approximate == "commit" and (
-            ahead < decoder.lookahead and ahead < decoder.min_lookahead):
+def _check_commit_lookahead(decoder: StreamDecoder, ahead: int) -> None:
+    """Raise ValueError if ``decoder`` cannot stream with ``ahead`` codes of lookahead in commit mode."""
+    if ahead < decoder.lookahead and ahead < decoder.min_lookahead:
         raise ValueError(f"lookahead {ahead} is below what approximate='commit' allows with this codec "
                          f"({decoder.min_lookahead} to {decoder.lookahead} codes, or None for exact); "
                          "approximate='preview' allows less")
@@ -121,7 +120,7 @@ class AudioStreamer:
             if not self.exact and config.approximate == "commit":
                 # Approximate at almost no extra work: the frame-rate layers commit their outputs early and
                 # the upsampling layers decode every frame once (StreamDecoder.limit_context).
-                _check_lookahead(self.decoder, config)
+                _check_commit_lookahead(self.decoder, ahead)
                 self.decoder.limit_context(ahead - self.decoder.min_lookahead)
             self.lookahead = self.decoder.lookahead if ahead is None else ahead
             self.fed = 0  # codes given to the decoder
