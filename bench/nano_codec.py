@@ -26,24 +26,21 @@ import torch
 from gpa.audio import load_audio
 from gpa.codecs.nano import NanoCodec
 from gpa.evaluation.judges import ASR_MODELS, JudgeConfig, get_judges
+from gpa.evaluation.manifest import Item, load_manifest
 from gpa.evaluation.metrics import corpus, cosine, errors, mean
 
 
-def pick(manifest: Path, limit: int, seed: int) -> list[tuple[dict, dict]]:
+def pick(manifest: Path, limit: int, seed: int) -> list[tuple[Item, Item]]:
     """``limit`` (clip, reference) pairs: the reference is the next clip of the same speaker in the manifest."""
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    base = manifest.parent
-    for r in rows:
-        r["audio"] = str(base / r["audio"])
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["speaker"], []).append(r)
-    usable = [r for r in rows if len(by[r["speaker"]]) > 1]
-    chosen = random.Random(seed).sample(usable, min(limit, len(usable)))
+    items = [i for i in load_manifest(manifest).items if i.text is not None]
+    by: dict[str, list[Item]] = {}
+    for i in items:
+        by.setdefault(i.speaker, []).append(i)
+    usable = [i for i in items if len(by[i.speaker]) > 1]
     out = []
-    for r in chosen:
-        same = by[r["speaker"]]
-        out.append((r, same[(same.index(r) + 1) % len(same)]))
+    for i in random.Random(seed).sample(usable, min(limit, len(usable))):
+        same = by[i.speaker]
+        out.append((i, same[(same.index(i) + 1) % len(same)]))
     return out
 
 
@@ -66,8 +63,8 @@ def main() -> None:
         pairs = pick(Path(m).expanduser(), args.limit, args.seed)
         orig_err, per = [], {c: {"err": [], "sim": [], "decode_s": 0.0, "audio_s": 0.0} for c in codecs}
         for clip, ref in pairs:
-            wav, ref_wav = load_audio(clip["audio"]), load_audio(ref["audio"])
-            orig_err.append(errors(clip["text"], judges.asr.transcribe(wav)))
+            wav, ref_wav = load_audio(clip.audio), load_audio(ref.audio)
+            orig_err.append(errors(clip.text, judges.asr.transcribe(wav)))
             orig_emb = judges.speaker.embed(wav)
             for c, codec in codecs.items():
                 semantic = codec.encode_semantic([wav])[0][None]
@@ -77,7 +74,7 @@ def main() -> None:
                 per[c]["decode_s"] += time.perf_counter() - t0
                 out16 = load_audio(out, codec.sample_rate, normalize=False)
                 per[c]["audio_s"] += len(out16) / 16000
-                per[c]["err"].append(errors(clip["text"], judges.asr.transcribe(out16)))
+                per[c]["err"].append(errors(clip.text, judges.asr.transcribe(out16)))
                 emb = judges.speaker.embed(out16)
                 per[c]["sim"].append(None if emb is None or orig_emb is None else cosine(emb, orig_emb))
         o = corpus(orig_err)

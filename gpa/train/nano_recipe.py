@@ -36,6 +36,7 @@ import torch
 from gpa.checkpoint import INFERENCE_FILE
 from gpa.codecs.nano import NanoCodec, NanoCodecConfig
 from gpa.corpus.build import CorpusConfig, build_corpus
+from gpa.corpus.manifests import SPLIT_FILES, UTTERANCES, read_jsonl
 from gpa.train.config import PrepareConfig, TrainConfig
 from gpa.train.export import export
 from gpa.train.nano_codec import (
@@ -109,7 +110,7 @@ def _mark(path: Path, info: dict[str, Any] | None = None) -> None:
 def codec_utterances(corpus: Path, per_voice: int, seed: int, data_dir: Path | None) -> list[Utterance]:
     """Codec training set: ``per_voice`` train utterances of each synthetic voice, every real train
     recording, and the LibriSpeech train excerpts (one recording per speaker)."""
-    rows = [json.loads(line) for line in (corpus / "utterances.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(corpus / UTTERANCES)
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r["split"] == "train":
@@ -149,7 +150,7 @@ def pick_voices(corpus: Path, out: Path) -> Path:
 
     from gpa.audio import load_audio
 
-    rows = [json.loads(line) for line in (corpus / "utterances.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(corpus / UTTERANCES)
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"default": DEFAULT_VOICE}
     for speaker, (name, licence, source, description) in BUNDLE_VOICES.items():
@@ -190,8 +191,7 @@ def decoder_utterances(corpus: Path, recipe: NanoRecipe, data_dir: Path | None =
     for speaker, items in sorted(by.items()):
         cap = recipe.decoder_real_utterances if speaker == "cathy" else recipe.decoder_utterances_per_voice
         train += items if speaker.startswith("libri-") else rng.sample(items, min(cap, len(items)))
-    rows = lambda name: [json.loads(line) for line in (corpus / name).read_text().splitlines() if line]  # noqa: E731
-    text, cathy = rows("heldout_text.jsonl"), rows("cathy_test.jsonl")
+    text, cathy = (read_jsonl(corpus / SPLIT_FILES[split]) for split in ("heldout_text", "cathy_test"))
     n_cathy = recipe.decoder_heldout // 6
     held = rng.sample(text, min(recipe.decoder_heldout - n_cathy, len(text))) + cathy[:n_cathy]
     return train, [Utterance(str(corpus / r["audio"]), r["speaker"]) for r in held]
@@ -283,7 +283,7 @@ def run_recipe(out: str | Path, recipe: NanoRecipe = NanoRecipe(), progress: boo
     seed_dir = out / "seed"
     if not seed_dir.is_dir():
         step("tokenizer and seed checkpoint")
-        texts = [json.loads(line)["text"] for line in (corpus / "train.jsonl").read_text().splitlines() if line]
+        texts = [r["text"] for r in read_jsonl(corpus / SPLIT_FILES["train"])]
         c = recipe.codec
         tok = build_tokenizer(texts, recipe.text_vocab, c.asr_codebook_size, c.global_codebook_size,
                               c.semantic_codebook_size)
